@@ -1,0 +1,22 @@
+"""caad_kernels: fused contrastive knowledge-distillation losses for speech language models.
+
+    from caad_kernels import contrastive_kd_loss, ContrastiveKDLoss
+
+Triton is imported only when a Triton kernel first runs, so this import is
+cheap and works on machines without a GPU or without Triton.
+"""
+
+from . import ops as _ops  # noqa: F401  (registers the torch.library ops)
+from .dispatch import available_backends
+from .loss import ContrastiveKDLoss, contrastive_kd_loss
+from .options import KDOptions
+from .reference import contrastive_kd_reference
+
+__all__ = [
+    "ContrastiveKDLoss",
+    "KDOptions",
+    "available_backends",
+    "contrastive_kd_loss",
+    "contrastive_kd_reference",
+]
+__version__ = "0.1.0"

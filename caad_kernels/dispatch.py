@@ -1,0 +1,123 @@
+"""Backend registry and the ``backend="auto"`` choice (SPEC §6).
+
+A backend is a module with ``forward``/``backward`` (see ``caad_kernels/backends``)
+plus an availability check that says *why* it is unavailable. Native backends
+(``cpu``, ``cuda``) register here once their builds exist; until a backend has
+passed its tests on real hardware it stays opt-in (``auto`` never picks it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
+ENV_VAR = "CAAD_BACKEND"
+
+log = logging.getLogger("caad_kernels")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: str
+    # (device) -> None when usable on that device, else the reason it is not.
+    unavailable_reason: Callable[[torch.device], str | None]
+    # Whether backend="auto" may pick it (only after it passed tests on real hardware).
+    auto: bool = True
+
+
+def _torch_reason(device: torch.device) -> str | None:
+    return None
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got device {device}"
+
+
+def _native_reason(kind: str) -> Callable[[torch.device], str | None]:
+    def reason(device: torch.device) -> str | None:
+        if device.type != kind:
+            return f"backend {kind!r} runs on {kind} tensors, got device {device}"
+        return f"the C++/{kind.upper()} extension (csrc/) is not part of this build yet"
+
+    return reason
+
+
+_REGISTRY: dict[str, Backend] = {
+    "torch": Backend("torch", "caad_kernels.backends.torch_backend", _torch_reason),
+    "triton": Backend("triton", "caad_kernels.backends.triton_backend", _triton_reason),
+    "cpu": Backend("cpu", "caad_kernels.backends.cpu_backend", _native_reason("cpu"), auto=False),
+    "cuda": Backend("cuda", "caad_kernels.backends.cuda_backend", _native_reason("cuda"), auto=False),
+}
+
+# What backend="auto" tries, in order, per device type; "torch" always works.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
+_warned: set[tuple[str, str]] = set()
+
+
+def available_backends(device: str | torch.device) -> list[str]:
+    """Names of the backends usable for tensors on ``device`` right now."""
+    device = torch.device(device)
+    return [name for name, b in _REGISTRY.items() if b.unavailable_reason(device) is None]
+
+
+def resolve_backend(requested: str, device: torch.device, float64: bool = False) -> str:
+    """Turn ``backend=`` into a usable backend name, or raise ValueError saying why not.
+
+    ``auto`` honours the ``CAAD_BACKEND`` environment variable, prefers the fastest
+    validated backend for the device and falls back to ``torch`` with one logged
+    warning. float64 inputs always go to ``torch`` (the only float64 backend).
+    """
+    if requested not in ("auto", *BACKEND_NAMES):
+        raise ValueError(f"backend must be one of {('auto', *BACKEND_NAMES)}, got {requested!r}")
+    if requested == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in BACKEND_NAMES:
+                raise ValueError(f"{ENV_VAR} must be one of {('auto', *BACKEND_NAMES)}, got {env!r}")
+            requested = env
+    if requested != "auto":
+        if float64 and requested != "torch":
+            raise TypeError(f"backend={requested!r} takes fp32, bf16 or fp16 logits; float64 needs backend='torch'")
+        reason = _REGISTRY[requested].unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend={requested!r} is unavailable: {reason}")
+        return requested
+    if float64:
+        return "torch"
+    order = _AUTO_ORDER.get(device.type, ("triton", "torch"))
+    skipped = []
+    for name in order:
+        backend = _REGISTRY[name]
+        reason = backend.unavailable_reason(device)
+        if reason is None and backend.auto:
+            if skipped and name == "torch":
+                _warn_once(device, skipped)
+            return name
+        skipped.append(f"{name}: {reason or 'not yet validated on hardware (opt-in)'}")
+    return "torch"
+
+
+def _warn_once(device: torch.device, skipped: list[str]) -> None:
+    key = (device.type, "; ".join(skipped))
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("caad_kernels: backend='auto' on %s uses the torch reference (%s)", device.type, "; ".join(skipped))
+
+
+def backend_module(name: str) -> ModuleType:
+    return importlib.import_module(_REGISTRY[name].module)

@@ -1,0 +1,1 @@
+"""Fused Triton kernels of the contrastive KD loss (one kernel per file)."""
