@@ -63,8 +63,10 @@ def _check_labels(labels: object, s: Tensor, opts: KDOptions) -> Tensor | None:
                          f"{tuple(labels.shape)}")
     if labels.device != s.device:
         raise ValueError(f"labels must be on the student's device {s.device}, got {labels.device}")
-    if opts.hard_weight > 0 and labels.device.type == "cpu" and labels.numel() > 0:
-        # A cheap check on CPU; on GPU an out-of-range label gives a NaN row instead of a host sync.
+    if (opts.hard_weight > 0 and labels.device.type == "cpu" and labels.numel() > 0
+            and not torch.compiler.is_compiling()):
+        # A cheap check on eager CPU; on GPU (or traced) an out-of-range label gives a NaN row
+        # instead of a host sync.
         vocab = s.shape[-1]
         bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):

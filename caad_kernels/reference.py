@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from .options import FORWARD_KL, JSD, REVERSE_KL, KDOptions
+from .options import FORWARD_KL, REVERSE_KL, KDOptions
 
 __all__ = [
     "compute_dtype",

@@ -1,0 +1,205 @@
+"""The registered ops (caad_kernels/ops.py), the dispatcher and torch.compile."""
+
+import logging
+
+import pytest
+import torch
+
+import caad_kernels
+from caad_kernels import ContrastiveKDLoss, available_backends, contrastive_kd_loss, dispatch
+
+BACKENDS = available_backends("cpu")
+SCALARS = dict(alpha=1.0, plausibility_beta=0.0, temperature=1.0, divergence="forward_kl", jsd_beta=0.5,
+               soft_weight=1.0, hard_weight=0.0, ignore_index=-100)
+OPTION_SETS = [
+    {},
+    dict(plausibility_beta=0.1, temperature=2.0, hard_weight=0.5),
+    dict(divergence="reverse_kl", alpha=0.0),
+    dict(divergence="jsd", jsd_beta=0.4, alpha=0.5),
+]
+
+
+def _sample_inputs(shape=(2, 3), vocab=37, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(*shape, vocab, generator=g) * 2).to(dtype)
+    a = (torch.randn(*shape, vocab, generator=g) * 2).to(dtype)
+    t = (torch.randn(*shape, vocab, generator=g) * 2).to(dtype)
+    labels = torch.randint(0, vocab, shape, generator=g)
+    labels.view(-1)[1] = -100
+    return s, a, t, labels
+
+
+def _scalar_args(backend, **overrides):
+    kw = {**SCALARS, **overrides}
+    return [kw[k] for k in SCALARS] + [backend]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", OPTION_SETS)
+def test_opcheck_forward(backend, kw):
+    s, a, t, labels = _sample_inputs()
+    s.requires_grad_()
+    t = t if kw.get("alpha", 1.0) != 0 else None
+    args = (s, a, t, labels, *_scalar_args(backend, **kw), False)
+    torch.library.opcheck(torch.ops.caad.contrastive_kd_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", OPTION_SETS)
+def test_opcheck_backward_ops(backend, kw):
+    s, a, t, labels = _sample_inputs(seed=1)
+    t = t if kw.get("alpha", 1.0) != 0 else None
+    rows, stats = torch.ops.caad.contrastive_kd_fwd(s, a, t, labels, *_scalar_args(backend, **kw), False)
+    grad_rows = torch.rand_like(rows)
+    tail = _scalar_args(backend, **kw)
+    torch.library.opcheck(torch.ops.caad.contrastive_kd_bwd.default, (grad_rows, s, a, t, labels, stats, *tail))
+    torch.library.opcheck(torch.ops.caad.contrastive_kd_bwd_.default,
+                          (grad_rows, s.clone(), a, t, labels, stats, *tail))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_saves_only_inputs_and_row_statistics(backend):
+    """SPEC §5: what the forward keeps for backward is the inputs themselves plus O(N) fp32."""
+    s, a, t, labels = _sample_inputs(shape=(4, 5), vocab=64)
+    s.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = contrastive_kd_loss(s, a, t, labels, backend=backend, plausibility_beta=0.05)
+    input_ptrs = {x.data_ptr() for x in (s, a, t, labels)}
+    n = 20
+    for x in saved:
+        assert x.data_ptr() in input_ptrs or x.numel() <= 8 * n, (tuple(x.shape), x.dtype)
+    loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inplace_backward_writes_into_student_storage(backend):
+    s, a, t, labels = _sample_inputs(seed=2)
+    ref_s = s.clone().requires_grad_()
+    contrastive_kd_loss(ref_s, a, t, labels, backend=backend, hard_weight=0.3).backward()
+
+    leaf = s.clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, like an lm_head output
+    ptr = logits.data_ptr()
+    captured = {}
+    logits.register_hook(lambda g: captured.setdefault("grad", g))
+    contrastive_kd_loss(logits, a, t, labels, backend=backend, hard_weight=0.3, inplace_backward=True).backward()
+    assert captured["grad"].data_ptr() == ptr
+    torch.testing.assert_close(leaf.grad, ref_s.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module_matches_function(backend):
+    s, a, t, labels = _sample_inputs(seed=3)
+    fn = ContrastiveKDLoss(alpha=0.5, temperature=2.0, divergence="jsd", jsd_beta=0.25, backend=backend)
+    got = fn(s, a, t, labels, num_items_in_batch=7)
+    want = contrastive_kd_loss(s, a, t, labels, alpha=0.5, temperature=2.0, divergence="jsd", jsd_beta=0.25,
+                               backend=backend, num_items_in_batch=7)
+    assert torch.equal(got, want)
+    assert "alpha=0.5" in repr(fn)
+
+
+class _Distiller(torch.nn.Module):
+    def __init__(self, hidden=16, vocab=53, **loss_kw):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.loss = ContrastiveKDLoss(**loss_kw)
+
+    def forward(self, h, a, t, labels):
+        return self.loss(self.head(h), a, t, labels)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_compile_of_a_model_calling_the_loss(backend, compiler):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Distiller(backend=backend, plausibility_beta=0.05, hard_weight=0.2)
+    h = torch.randn(2, 6, 16)
+    a, t = torch.randn(2, 6, 53) * 2, torch.randn(2, 6, 53) * 2
+    labels = torch.randint(0, 53, (2, 6))
+    labels[0, :2] = -100
+
+    eager = model(h, a, t, labels)
+    eager.backward()
+    want = model.head.weight.grad.clone()
+    model.zero_grad()
+
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)
+    got = compiled(h, a, t, labels)
+    got.backward()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.head.weight.grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_available_backends_on_cpu_lists_torch_and_triton_under_the_interpreter():
+    backends = available_backends("cpu")
+    assert backends[0] == "torch"
+    assert "triton" in backends  # conftest sets TRITON_INTERPRET=1 on machines without CUDA
+    assert "cpu" not in backends  # the C++ backend is not built yet
+
+
+def test_auto_falls_back_to_torch_with_one_logged_warning(caplog, monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    monkeypatch.setattr(dispatch, "_warned", set())
+    with caplog.at_level(logging.WARNING, logger="caad_kernels"):
+        assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
+        assert dispatch.resolve_backend("auto", torch.device("cpu")) == "torch"
+    warnings = [r for r in caplog.records if "torch reference" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_env_var_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    assert dispatch.resolve_backend("auto", torch.device("cpu")) == "triton"
+    assert dispatch.resolve_backend("torch", torch.device("cpu")) == "torch"
+    monkeypatch.setenv(dispatch.ENV_VAR, "tpu")
+    with pytest.raises(ValueError, match="CAAD_BACKEND"):
+        dispatch.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_env_var_backend_is_the_one_that_runs(monkeypatch):
+    calls = []
+    real = dispatch.backend_module
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(caad_kernels.ops, "backend_module", spy)
+    monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+    s, a, t, labels = _sample_inputs()
+    contrastive_kd_loss(s, a, t, labels)
+    assert calls == ["triton"]
+
+
+def test_float64_goes_to_torch_and_is_refused_by_kernels():
+    s, a, t, labels = _sample_inputs(dtype=torch.float64)
+    assert dispatch.resolve_backend("auto", torch.device("cpu"), float64=True) == "torch"
+    assert contrastive_kd_loss(s, a, t, labels).dtype == torch.float64
+    with pytest.raises(TypeError, match="float64"):
+        contrastive_kd_loss(s, a, t, labels, backend="triton")
+
+
+def test_native_backends_are_named_but_unavailable():
+    s, a, t, labels = _sample_inputs()
+    with pytest.raises(ValueError, match="backend='cpu' is unavailable"):
+        contrastive_kd_loss(s, a, t, labels, backend="cpu")
+    with pytest.raises(ValueError, match="backend='cuda' is unavailable"):
+        contrastive_kd_loss(s, a, t, labels, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gpu_forward_backward_make_no_host_sync(reduction):
+    s, a, t, labels = (x.cuda() for x in _sample_inputs(shape=(4, 8), vocab=1000))
+    s = s.to(torch.bfloat16).requires_grad_()
+    contrastive_kd_loss(s, a, t, labels, backend="triton", reduction=reduction)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = contrastive_kd_loss(s, a, t, labels, backend="triton", reduction=reduction,
+                                   num_items_in_batch=torch.tensor(5, device="cuda") if reduction == "mean" else None)
+        loss.backward(torch.ones_like(loss))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
