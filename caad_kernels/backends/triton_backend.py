@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -117,6 +118,7 @@ def backward(
             opts.alpha, 1.0 / opts.temperature, opts.jsd_beta, _log_beta_p(opts),
             opts.soft_weight, opts.hard_weight, opts.ignore_index,
             BLOCK_V=block_v, num_warps=_num_warps(block_v), **_flags(opts, labels),
+            SOFTWARE_BF16_RNE=os.environ.get("TRITON_INTERPRET") == "1",
         )
     if not shares_storage(o3, out):
         out.copy_(o3.reshape(out.shape))

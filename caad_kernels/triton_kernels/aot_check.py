@@ -72,8 +72,10 @@ def check(arch: int, block_v: int = 4096, num_warps: int = 8) -> list[dict]:
                         labels_ptr="*i32", stats_ptr="*fp32", g_ptr=f"*{dtype}")
         for flags_name, flags in FLAG_SETS.items():
             constexprs = dict(flags, BLOCK_V=block_v)
-            for kernel, pointers in ((contrastive_kd_fwd_kernel, fwd_ptrs), (contrastive_kd_bwd_kernel, bwd_ptrs)):
-                src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, constexprs), constexprs=constexprs)
+            bwd_constexprs = dict(constexprs, SOFTWARE_BF16_RNE=False)
+            for kernel, pointers, consts in ((contrastive_kd_fwd_kernel, fwd_ptrs, constexprs),
+                                             (contrastive_kd_bwd_kernel, bwd_ptrs, bwd_constexprs)):
+                src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts)
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
                 usage = _usage(compiled.asm["cubin"], cuobjdump) if cuobjdump.exists() else {}
                 results.append(dict(kernel=kernel.__name__, arch=arch, dtype=dtype, flags=flags_name, **usage))

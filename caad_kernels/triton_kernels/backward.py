@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import contrast_block, log_add_exp
+from .common import contrast_block, log_add_exp, store_rounded
 
 
 @triton.jit
@@ -26,6 +26,7 @@ def contrastive_kd_bwd_kernel(
     alpha, inv_tau, jsd_beta, log_beta_p, w_soft, w_hard, ignore_index,
     HAS_LABELS: tl.constexpr, SOFT: tl.constexpr, USE_TEXT: tl.constexpr, PLAUS: tl.constexpr,
     DIV: tl.constexpr, HARD: tl.constexpr, TAU_ONE: tl.constexpr, BLOCK_V: tl.constexpr,
+    SOFTWARE_BF16_RNE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     bi = row // rows_per_batch
@@ -85,7 +86,7 @@ def contrastive_kd_bwd_kernel(
                 else:
                     q_h = tl.exp(s - lse_h)
                 grad += c_hard * (q_h - tl.where(cols == y, 1.0, 0.0))
-            tl.store(g_row + cols, grad.to(g_ptr.dtype.element_ty), mask=mask)
+            store_rounded(g_row + cols, grad, mask, SOFTWARE_BF16_RNE)
     else:
         # Ignored rows get an exact zero gradient (the buffer may be uninitialised or hold s).
         for start in range(0, V, BLOCK_V):

@@ -30,3 +30,20 @@ def log_add_exp(x, y):
     mx = tl.maximum(x, y)
     mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
     return mx_safe + tl.log(tl.exp(x - mx_safe) + tl.exp(y - mx_safe))
+
+
+@triton.jit
+def store_rounded(ptr, x, mask, SOFTWARE_BF16_RNE: tl.constexpr):
+    """Store fp32 ``x`` in ``ptr``'s dtype, rounding to nearest even.
+
+    GPUs convert fp32→bf16 with round-to-nearest-even in hardware. The Triton
+    CPU interpreter truncates instead (a 1-ulp bias the CPU tests would see), so
+    under the interpreter bf16 is rounded here in integer arithmetic.
+    """
+    if SOFTWARE_BF16_RNE and ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN (the carry could clear it)
+        tl.store(ptr, rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
