@@ -1,0 +1,140 @@
+// CPU implementation of the native ops: rows in parallel (at::parallel_for),
+// each row by the torch-free core in csrc/kernel/.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../kernel/contrastive_kd.h"
+#include "../kernel/options.h"
+
+namespace caad {
+namespace {
+
+DType kernel_dtype(const at::Tensor& x, const char* name) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& x, const at::Tensor& s, const char* name) {
+  TORCH_CHECK(x.dim() == 3 && x.sizes() == s.sizes(), name, " must be [B, T, V] like s, got ", x.sizes());
+  TORCH_CHECK(x.size(2) <= 1 || x.stride(2) == 1, name, " must have unit stride over V");
+  TORCH_CHECK(x.device().is_cpu(), name, " must be a CPU tensor");
+}
+
+// Addresses row n of a [B, T, V] view (rows need not be uniformly strided).
+struct RowView {
+  const char* base;
+  int64_t stride_b, stride_t, rows_per_batch, elem;
+  DType dtype;
+  RowView(const at::Tensor& x, const char* name)
+      : base(static_cast<const char*>(x.data_ptr())), stride_b(x.stride(0)), stride_t(x.stride(1)),
+        rows_per_batch(x.size(1)), elem(x.element_size()), dtype(kernel_dtype(x, name)) {}
+  const void* at(int64_t n) const {
+    int64_t b = n / rows_per_batch, t = n - b * rows_per_batch;
+    return base + (b * stride_b + t * stride_t) * elem;
+  }
+  Row row(int64_t n) const { return Row{at(n), dtype}; }
+};
+
+struct Labels {
+  at::Tensor owned;  // int64 copy only when the labels are another integer type
+  const int64_t* base = nullptr;
+  int64_t stride_b = 0, stride_t = 0, rows_per_batch = 1;
+  explicit Labels(const std::optional<at::Tensor>& labels) {
+    if (!labels.has_value()) return;
+    owned = labels->scalar_type() == at::kLong ? *labels : labels->to(at::kLong);
+    base = owned.data_ptr<int64_t>();
+    stride_b = owned.stride(0);
+    stride_t = owned.stride(1);
+    rows_per_batch = owned.size(1);
+  }
+  bool has() const { return base != nullptr; }
+  int64_t at(int64_t n) const {
+    int64_t b = n / rows_per_batch, t = n - b * rows_per_batch;
+    return base[b * stride_b + t * stride_t];
+  }
+};
+
+int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
+
+std::tuple<at::Tensor, at::Tensor> native_kd_forward_cpu(
+    const at::Tensor& s, const at::Tensor& a, const std::optional<at::Tensor>& t,
+    const std::optional<at::Tensor>& labels, double alpha, double plausibility_beta, double temperature,
+    int64_t divergence, double jsd_beta, double soft_weight, double hard_weight, int64_t ignore_index) {
+  check_rows(s, s, "s");
+  check_rows(a, s, "a");
+  if (t.has_value()) check_rows(*t, s, "t");
+  const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
+  auto loss = at::empty({rows}, s.options().dtype(at::kFloat));
+  auto stats = at::empty({rows, kNumStats}, s.options().dtype(at::kFloat));
+  const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
+                                       hard_weight, t.has_value());
+  const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t");
+  const Labels lab(labels);
+  float* loss_p = loss.data_ptr<float>();
+  float* stats_p = stats.data_ptr<float>();
+  at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t y = lab.has() ? lab.at(n) : 0;
+      float* st = stats_p + n * kNumStats;
+      if (lab.has() && y == ignore_index) {
+        loss_p[n] = 0.f;
+        for (int k = 0; k < kNumStats; ++k) st[k] = 0.f;
+        continue;
+      }
+      loss_p[n] = forward_row(sv.row(n), av.row(n), tv.row(n), vocab, y, o, st);
+    }
+  });
+  return {loss, stats};
+}
+
+void native_kd_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& s, const at::Tensor& a,
+                            const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& labels,
+                            const at::Tensor& stats, double alpha, double plausibility_beta, double temperature,
+                            int64_t divergence, double jsd_beta, double soft_weight, double hard_weight,
+                            int64_t ignore_index, const at::Tensor& grad_s) {
+  check_rows(s, s, "s");
+  check_rows(a, s, "a");
+  if (t.has_value()) check_rows(*t, s, "t");
+  check_rows(grad_s, s, "grad_s");
+  const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N]");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kNumStats &&
+                  stats.scalar_type() == at::kFloat && stats.is_contiguous(),
+              "stats must be a contiguous float32 [N, 5] tensor from native_kd_forward");
+  const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
+                                       hard_weight, t.has_value());
+  const at::Tensor up = grad_rows.to(at::kFloat);
+  const float* up_p = up.data_ptr<float>();
+  const int64_t up_stride = up.stride(0);
+  const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t"), gv(grad_s, "grad_s");
+  const Labels lab(labels);
+  const float* stats_p = stats.data_ptr<float>();
+  at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      void* g = const_cast<void*>(gv.at(n));
+      const int64_t y = lab.has() ? lab.at(n) : 0;
+      if (lab.has() && y == ignore_index) {
+        zero_row(g, gv.dtype, vocab);
+        continue;
+      }
+      backward_row(up_p[n * up_stride], sv.row(n), av.row(n), tv.row(n), vocab, y, o, stats_p + n * kNumStats, g,
+                   gv.dtype);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace caad
+
+TORCH_LIBRARY_IMPL(caad, CPU, m) {
+  m.impl("native_kd_forward", &caad::native_kd_forward_cpu);
+  m.impl("native_kd_backward", &caad::native_kd_backward_cpu);
+}

@@ -1,0 +1,99 @@
+// Branch-free float exp/log and bf16/fp16 conversions that compilers vectorise.
+//
+// std::exp/std::log calls keep GCC from vectorising a loop (unless -ffast-math,
+// which would also break the NaN/inf rules of SPEC §3). These are the classic
+// Cephes single-precision range reductions and polynomials (about 1 ulp), with
+// IEEE special values restored by selects.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace caad {
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// exp(x) for x <= 88 (every argument here is x - max <= 0): 0 below the
+// smallest normal (and for -inf), NaN for NaN, +inf above 88.
+inline float fast_exp(float x) {
+  constexpr float kLo = -87.33654475f;  // exp(kLo) = 2^-126, the smallest normal float
+  constexpr float kHi = 88.0f;
+  float xc = x < kLo ? kLo : (x > kHi ? kHi : x);  // NaN passes through unchanged
+  float fn = xc * 1.44269504088896341f + 12582912.f;  // round(x / ln 2) by the 1.5·2^23 trick
+  fn = fn - 12582912.f;
+  float r = xc - fn * 0.693359375f;
+  r = r + fn * 2.12194440e-4f;  // ln 2 split in two parts so r is exact
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * (r * r) + r + 1.f;
+  int32_t n = static_cast<int32_t>(fn);
+  y = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  y = x < kLo ? 0.f : y;
+  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
+  return y;
+}
+
+// log(x) for x == 0, normal positive x, +inf and NaN (subnormal inputs do not
+// occur here: the arguments are sums of exps with one term equal to 1, or 0).
+inline float fast_log(float x) {
+  uint32_t bits = float_to_bits(x);
+  int32_t e = static_cast<int32_t>((bits >> 23) & 0xffu) - 126;  // x = m·2^e, m in [0.5, 1)
+  float m = bits_to_float((bits & 0x007fffffu) | 0x3f000000u);
+  bool small = m < 0.707106781186547524f;
+  float fe = static_cast<float>(e) - (small ? 1.f : 0.f);
+  float xm = small ? (m + m - 1.f) : (m - 1.f);
+  float z = xm * xm;
+  float y = 7.0376836292e-2f;
+  y = y * xm - 1.1514610310e-1f;
+  y = y * xm + 1.1676998740e-1f;
+  y = y * xm - 1.2420140846e-1f;
+  y = y * xm + 1.4249322787e-1f;
+  y = y * xm - 1.6668057665e-1f;
+  y = y * xm + 2.0000714765e-1f;
+  y = y * xm - 2.4999993993e-1f;
+  y = y * xm + 3.3333331174e-1f;
+  y = y * xm * z;
+  y += -2.12194440e-4f * fe;
+  y += -0.5f * z;
+  float r = xm + y;
+  r += 0.693359375f * fe;
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  r = x == 0.f ? -kInf : r;
+  r = x == kInf ? kInf : r;
+  r = (x < 0.f || x != x) ? std::numeric_limits<float>::quiet_NaN() : r;
+  return r;
+}
+
+// log(exp x + exp y); -inf when both are -inf.
+inline float log_add_exp(float x, float y) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float mx = x > y ? x : y;
+  float mx_safe = mx == kNegInf ? 0.f : mx;
+  return mx_safe + fast_log(fast_exp(x - mx_safe) + fast_exp(y - mx_safe));
+}
+
+inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return f != f ? static_cast<uint16_t>(0x7fc0u) : static_cast<uint16_t>(rounded);
+}
+
+}  // namespace caad

@@ -1,0 +1,19 @@
+// The schema block of the native ops (one TORCH_LIBRARY for the namespace).
+// Implementations register per device in cpu/ and cuda/; fake kernels and
+// autograd are registered from Python (caad_kernels/backends/native_ops.py).
+//
+// Tensors arrive as row views: logits [B, T, V] with unit stride over V and any
+// batch/time strides, labels [B, T]. `divergence` is the resolved code
+// (0 forward KL, 1 reverse KL, 2 generalized JSD).
+#include <torch/library.h>
+
+TORCH_LIBRARY(caad, m) {
+  m.def(
+      "native_kd_forward(Tensor s, Tensor a, Tensor? t, Tensor? labels, float alpha, float plausibility_beta, "
+      "float temperature, int divergence, float jsd_beta, float soft_weight, float hard_weight, "
+      "int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "native_kd_backward(Tensor grad_rows, Tensor s, Tensor a, Tensor? t, Tensor? labels, Tensor stats, "
+      "float alpha, float plausibility_beta, float temperature, int divergence, float jsd_beta, "
+      "float soft_weight, float hard_weight, int ignore_index, Tensor(a!) grad_s) -> ()");
+}
