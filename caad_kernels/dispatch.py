@@ -19,6 +19,7 @@ from types import ModuleType
 import torch
 
 BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
+FLOAT64_BACKENDS = ("torch", "cpu")  # float64 accumulation: for gradcheck and exact parity
 ENV_VAR = "CAAD_BACKEND"
 
 log = logging.getLogger("caad_kernels")
@@ -48,14 +49,23 @@ def _triton_reason(device: torch.device) -> str | None:
     return f"Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got device {device}"
 
 
+@torch.compiler.assume_constant_result
+def _native_kinds() -> str:
+    """Device kinds the native library covers, e.g. "cpu,cuda" ("" when it is unavailable).
+
+    Loading may build the library; under torch.compile the answer is taken as a trace-time constant.
+    """
+    from . import jit
+
+    return ",".join(sorted(jit.load()))
+
+
 def _native_reason(kind: str) -> Callable[[torch.device], str | None]:
     def reason(device: torch.device) -> str | None:
         if device.type != kind:
             return f"backend {kind!r} runs on {kind} tensors, got device {device}"
-        from . import jit
-
-        if kind not in jit.load():
-            return f"the C++{'/CUDA' if kind == 'cuda' else ''} kernels of csrc/ are not built here ({jit.origin()})"
+        if kind not in _native_kinds().split(","):
+            return f"the C++{'/CUDA' if kind == 'cuda' else ''} kernels of csrc/ are not built or failed to build here"
         return None
 
     return reason
@@ -86,7 +96,7 @@ def resolve_backend(requested: str, device: torch.device, float64: bool = False)
 
     ``auto`` honours the ``CAAD_BACKEND`` environment variable, prefers the fastest
     validated backend for the device and falls back to ``torch`` with one logged
-    warning. float64 inputs always go to ``torch`` (the only float64 backend).
+    warning. float64 inputs go to a float64-capable backend (``cpu`` or ``torch``).
     """
     if requested not in ("auto", *BACKEND_NAMES):
         raise ValueError(f"backend must be one of {('auto', *BACKEND_NAMES)}, got {requested!r}")
@@ -97,15 +107,16 @@ def resolve_backend(requested: str, device: torch.device, float64: bool = False)
                 raise ValueError(f"{ENV_VAR} must be one of {('auto', *BACKEND_NAMES)}, got {env!r}")
             requested = env
     if requested != "auto":
-        if float64 and requested != "torch":
-            raise TypeError(f"backend={requested!r} takes fp32, bf16 or fp16 logits; float64 needs backend='torch'")
+        if float64 and requested not in FLOAT64_BACKENDS:
+            raise TypeError(f"backend={requested!r} takes fp32, bf16 or fp16 logits; float64 needs one of "
+                            f"{FLOAT64_BACKENDS}")
         reason = _REGISTRY[requested].unavailable_reason(device)
         if reason is not None:
             raise ValueError(f"backend={requested!r} is unavailable: {reason}")
         return requested
-    if float64:
-        return "torch"
     order = _AUTO_ORDER.get(device.type, ("triton", "torch"))
+    if float64:
+        order = tuple(name for name in order if name in FLOAT64_BACKENDS)
     skipped = []
     for name in order:
         backend = _REGISTRY[name]

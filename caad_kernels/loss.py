@@ -21,7 +21,8 @@ def _check_logits(name: str, x: object) -> Tensor:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on backend 'torch'), got {x.dtype}")
+        raise TypeError(f"{name} must be float32, bfloat16 or float16 (float64 on backends 'torch' and 'cpu'), "
+                        f"got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] < 1:
         raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
     return x
@@ -156,7 +157,7 @@ def contrastive_kd_loss(
     """Contrastive audio-aware KD loss of a student against a dual-path teacher (SPEC §2).
 
     Args:
-        student_logits: ``[..., V]`` fp32/bf16/fp16 (float64 on ``backend="torch"``), any strides;
+        student_logits: ``[..., V]`` fp32/bf16/fp16 (float64 on the ``torch``/``cpu`` backends), any strides;
             the only tensor that receives a gradient (in its own dtype).
         teacher_audio_logits: ``[..., V_t]`` teacher logits with the audio; ``V_t > V`` needs
             ``teacher_vocab_slice=True``.

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from .options import NUM_STATS
+from .reference import compute_dtype
+
 _registered = False
-NUM_STATS = 5
 
 
 def _fake_forward(s, a, t, labels, alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
                   hard_weight, ignore_index):
     rows = s.shape[0] * s.shape[1]
-    return s.new_empty(rows, dtype=torch.float32), s.new_empty(rows, NUM_STATS, dtype=torch.float32)
+    dtype = compute_dtype(s, a, t)
+    return s.new_empty(rows, dtype=dtype), s.new_empty(rows, NUM_STATS, dtype=dtype)
 
 
 def _fake_backward(*args):
@@ -33,7 +36,7 @@ def _backward(ctx, grad_rows, grad_stats):
     s, a, t, labels, stats = ctx.saved_tensors
     grad_s = torch.empty_like(s, memory_format=torch.contiguous_format)
     if grad_rows is None:
-        grad_rows = torch.zeros(stats.shape[0], dtype=torch.float32, device=s.device)
+        grad_rows = torch.zeros(stats.shape[0], dtype=stats.dtype, device=s.device)
     torch.ops.caad.native_kd_backward(grad_rows, s, a, t, labels, stats, *ctx.scalars, grad_s)
     return (grad_s,) + (None,) * 11
 

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 
 from .dispatch import backend_module
-from .options import KDOptions
+from .options import NUM_STATS, KDOptions
 from .reference import compute_dtype
 
 # Statistics columns per backend ("torch" recomputes everything and keeps none).
-_NUM_STATS = {"torch": 0, "triton": 5, "cpu": 5, "cuda": 5}
+_NUM_STATS = {"torch": 0, "triton": NUM_STATS, "cpu": NUM_STATS, "cuda": NUM_STATS}
 
 
 def _options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight, hard_weight, ignore_index):

@@ -11,6 +11,12 @@ REDUCTIONS = ("mean", "sum", "none")
 # Integer codes the kernels specialise on (compile-time constants).
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 
+# Per-row statistics the fused forwards keep for their backward (Triton, C++ and CUDA alike).
+# Each log-sum-exp is kept as (max, log Σ exp(x − max)) so that the backward's log-probabilities
+# (x − max) − log Σ are exact near the max at any logit scale.
+STAT_NAMES = ("max_z", "log_sum_z", "max_s", "log_sum_s", "max_s_hard", "log_sum_s_hard", "max_a", "div_aux")
+NUM_STATS = len(STAT_NAMES)
+
 
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -23,7 +23,7 @@ def _scalars(opts: KDOptions) -> tuple:
 
 
 def forward(s, a, t, labels, opts: KDOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp32 losses ``[N]`` and statistics ``[N, 5]``."""
+    """Per-row fp32 losses ``[N]`` and statistics ``[N, 8]``."""
     s3, a3, t3, l2 = _operands(s, a, t, labels, opts)
     return torch.ops.caad.native_kd_forward(s3, a3, t3, l2, *_scalars(opts))
 

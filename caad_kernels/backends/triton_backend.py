@@ -1,7 +1,7 @@
 """The ``triton`` backend: launchers for the fused kernels in ``caad_kernels/triton_kernels``.
 
 Design: two passes over the vocabulary in total for forward + backward
-(forward keeps 5 fp32 scalars per row, backward recomputes ``p``/``q`` and
+(forward keeps 8 fp32 scalars per row, backward recomputes ``p``/``q`` and
 writes ``grad_s``): 14 bytes per entry for bf16 inputs against the 8-byte
 roofline. Recomputing in backward keeps the forward memory at O(N) (SPEC §5)
 and makes evaluation-only calls cost one read of the inputs.
@@ -15,10 +15,9 @@ import os
 
 import torch
 
-from ..options import FORWARD_KL, JSD, REVERSE_KL, KDOptions
+from ..options import FORWARD_KL, JSD, NUM_STATS, REVERSE_KL, KDOptions
 from ..rows import as_bt, as_btv, num_rows, shares_storage
 
-NUM_STATS = 5
 _DIV_CODES = {FORWARD_KL: 0, REVERSE_KL: 1, JSD: 2}
 
 
@@ -66,7 +65,7 @@ def _log_beta_p(opts: KDOptions) -> float:
 def forward(
     s: torch.Tensor, a: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor | None, opts: KDOptions
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row fp32 losses ``[N]`` and statistics ``[N, 5]`` (lse_z, lse_s, lse_s_hard, max_a, div_aux)."""
+    """Per-row fp32 losses ``[N]`` and statistics ``[N, 8]`` (``options.STAT_NAMES``)."""
     from ..triton_kernels.forward import contrastive_kd_fwd_kernel
 
     n, vocab = num_rows(s), s.shape[-1]

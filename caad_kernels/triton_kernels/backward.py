@@ -1,7 +1,7 @@
 """Backward kernel of the contrastive KD loss: one program per row, one pass.
 
 Reads ``a, t, s`` once more (``a`` and ``t`` only when the soft term is on),
-rebuilds ``p = exp(z/τ − lse_z)`` and ``q = exp(s/τ − lse_s)`` from the forward
+rebuilds ``log p = (z/τ − max_z) − log Σ_z`` and ``log q`` likewise from the forward
 statistics and writes ``grad_s = g_row · (w_soft·∂D/∂u / τ + w_hard·∂ce/∂s)``
 in the gradient buffer's dtype (the formulas are derived in
 ``caad_kernels/reference.py``). ``g_row`` is the upstream gradient of the row
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import contrast_block, log_add_exp, store_rounded
+from .forward import NUM_STATS
 
 
 @triton.jit
@@ -47,12 +48,15 @@ def contrastive_kd_bwd_kernel(
 
     if valid:
         upstream = tl.load(grad_rows_ptr + row * grad_rows_stride).to(tl.float32)
-        stats_row = stats_ptr + row * 5
-        lse_z = tl.load(stats_row + 0)
-        lse_s = tl.load(stats_row + 1)
-        lse_h = tl.load(stats_row + 2)
-        threshold = tl.load(stats_row + 3) + log_beta_p
-        div_aux = tl.load(stats_row + 4)
+        stats_row = stats_ptr + row * NUM_STATS
+        max_z = tl.load(stats_row + 0)
+        log_sum_z = tl.load(stats_row + 1)
+        max_s = tl.load(stats_row + 2)
+        log_sum_s = tl.load(stats_row + 3)
+        max_h = tl.load(stats_row + 4)
+        log_sum_h = tl.load(stats_row + 5)
+        threshold = tl.load(stats_row + 6) + log_beta_p
+        div_aux = tl.load(stats_row + 7)
         c_soft = upstream * w_soft * inv_tau
         c_hard = upstream * w_hard
         if DIV == 2:
@@ -62,7 +66,7 @@ def contrastive_kd_bwd_kernel(
             cols = start + offs
             mask = cols < V
             s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
-            log_q = s * inv_tau - lse_s
+            log_q = (s * inv_tau - max_s) - log_sum_s
             q = tl.exp(log_q)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
             if SOFT:
@@ -71,7 +75,7 @@ def contrastive_kd_bwd_kernel(
                     t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
                 else:
                     t = a
-                log_p = contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS) * inv_tau - lse_z
+                log_p = (contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS) * inv_tau - max_z) - log_sum_z
                 if DIV == 0:
                     d_u = q - tl.exp(log_p)
                 elif DIV == 1:
@@ -84,7 +88,7 @@ def contrastive_kd_bwd_kernel(
                 if TAU_ONE:
                     q_h = q
                 else:
-                    q_h = tl.exp(s - lse_h)
+                    q_h = tl.exp((s - max_h) - log_sum_h)
                 grad += c_hard * (q_h - tl.where(cols == y, 1.0, 0.0))
             store_rounded(g_row + cols, grad, mask, SOFTWARE_BF16_RNE)
     else:

@@ -8,7 +8,7 @@ Passes over the vocabulary (each reads only what the options need):
   * generalized JSD (0 < β_j < 1) only: a second pass, because ``log m`` needs
     both normalisers first.
 Nothing but per-row scalars is kept; everything accumulates in fp32. Writes the
-row loss and five fp32 statistics per row (see ``STATS``) that let the backward
+row loss and eight fp32 statistics per row (see ``STATS``) that let the backward
 kernel recompute ``p`` and ``q`` in one pass.
 """
 
@@ -17,10 +17,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..options import NUM_STATS as _NUM_STATS
 from .common import contrast_block, log_add_exp, nonfinite_check
 
-# Columns of the per-row statistics tensor.
-STATS = ("lse_z", "lse_s", "lse_s_hard", "max_a", "div_aux")
+# Columns of the per-row statistics tensor: caad_kernels.options.STAT_NAMES, in that order.
+NUM_STATS = tl.constexpr(_NUM_STATS)
 
 
 @triton.jit
@@ -58,13 +59,22 @@ def contrastive_kd_fwd_kernel(
                 max_a = tl.maximum(max_a, tl.max(a, axis=0))
         threshold = max_a + log_beta_p
 
+        # Online log-sum-exps. Each running sum is relative to a "safe" running max
+        # (the max, or 0 while it is still −inf). The KL accumulators hold Σ e·(x − max_x)
+        # with x's own max, never Σ e·(z − s): at |logits| ~ 1e4 the latter would cancel
+        # against the max gap and lose the loss to fp32 rounding.
         m_z = zero + NEG_INF  # running max of z/τ
-        sum_z = zero          # Σ exp(z/τ − m_z)
-        acc_z = zero          # Σ exp(z/τ − m_z)·(z − s)/τ      (forward KL)
-        m_s = zero + NEG_INF
-        sum_s = zero
-        acc_s = zero          # Σ exp(s/τ − m_s)·(s − z)/τ      (reverse KL)
-        m_h = zero + NEG_INF  # log-sum-exp of s at τ = 1 for the hard term
+        mz = zero             # its safe value
+        sum_z = zero          # Σ exp(z/τ − mz)
+        m_s = zero + NEG_INF  # running max of s/τ
+        ms = zero
+        sum_s = zero          # Σ exp(s/τ − ms)
+        acc_zz = zero         # Σ e_z·(z/τ − mz)   } forward KL = (acc_zz − acc_zs)/sum_z
+        acc_zs = zero         # Σ e_z·(s/τ − ms)   }              − log sum_z + log sum_s
+        acc_ss = zero         # Σ e_s·(s/τ − ms)   } reverse KL, mirrored
+        acc_sz = zero         # Σ e_s·(z/τ − mz)   }
+        m_h = zero + NEG_INF  # log-sum-exp of s at τ = 1 for the hard term (τ ≠ 1 only)
+        mh = zero
         sum_h = zero
         chk = zero            # stays 0 unless a NaN/+inf rule of SPEC §3 fires
         for start in range(0, V, BLOCK_V):
@@ -73,7 +83,11 @@ def contrastive_kd_fwd_kernel(
             s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
             st = s * inv_tau
             chk += tl.sum(nonfinite_check(s), axis=0)
-            zt = st  # placeholder type when SOFT is off
+            m_s_new = tl.maximum(m_s, tl.max(st, axis=0))
+            ms_new = tl.where(m_s_new == NEG_INF, 0.0, m_s_new)
+            c_s = tl.exp(m_s - ms_new)
+            shift_s = ms_new - ms
+            e_s = tl.exp(st - ms_new)
             if SOFT:
                 a = tl.load(a_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
                 chk += tl.sum(nonfinite_check(a), axis=0)
@@ -83,45 +97,43 @@ def contrastive_kd_fwd_kernel(
                     chk += tl.sum(tl.where(a == NEG_INF, 0.0, t * 0.0), axis=0)
                 else:
                     t = a
-                z = contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS)
-                zt = z * inv_tau
-                m_new = tl.maximum(m_z, tl.max(zt, axis=0))
-                m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-                corr = tl.exp(m_z - m_safe)
-                e_z = tl.exp(zt - m_safe)
-                sum_z = sum_z * corr + tl.sum(e_z, axis=0)
+                zt = contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS) * inv_tau
+                m_z_new = tl.maximum(m_z, tl.max(zt, axis=0))
+                mz_new = tl.where(m_z_new == NEG_INF, 0.0, m_z_new)
+                c_z = tl.exp(m_z - mz_new)
+                shift_z = mz_new - mz
+                e_z = tl.exp(zt - mz_new)
                 if DIV == 0:
-                    acc_z = acc_z * corr + tl.sum(tl.where(e_z > 0.0, e_z * (zt - st), 0.0), axis=0)
-                m_z = m_new
-            m_new_s = tl.maximum(m_s, tl.max(st, axis=0))
-            ms_safe = tl.where(m_new_s == NEG_INF, 0.0, m_new_s)
-            corr_s = tl.exp(m_s - ms_safe)
-            e_s = tl.exp(st - ms_safe)
-            sum_s = sum_s * corr_s + tl.sum(e_s, axis=0)
-            if SOFT:
+                    live = e_z > 0.0
+                    acc_zz = c_z * (acc_zz - shift_z * sum_z) + tl.sum(tl.where(live, e_z * (zt - mz_new), 0.0), axis=0)
+                    acc_zs = c_z * (acc_zs - shift_s * sum_z) + tl.sum(tl.where(live, e_z * (st - ms_new), 0.0), axis=0)
                 if DIV == 1:
-                    acc_s = acc_s * corr_s + tl.sum(tl.where(e_s > 0.0, e_s * (st - zt), 0.0), axis=0)
-            m_s = m_new_s
+                    live_s = e_s > 0.0
+                    acc_ss = c_s * (acc_ss - shift_s * sum_s) + tl.sum(tl.where(live_s, e_s * (st - ms_new), 0.0), axis=0)
+                    acc_sz = c_s * (acc_sz - shift_z * sum_s) + tl.sum(tl.where(live_s, e_s * (zt - mz_new), 0.0), axis=0)
+                sum_z = sum_z * c_z + tl.sum(e_z, axis=0)
+                m_z = m_z_new
+                mz = mz_new
+            sum_s = sum_s * c_s + tl.sum(e_s, axis=0)
+            m_s = m_s_new
+            ms = ms_new
             if HARD:
                 if not TAU_ONE:
-                    m_new_h = tl.maximum(m_h, tl.max(s, axis=0))
-                    mh_safe = tl.where(m_new_h == NEG_INF, 0.0, m_new_h)
-                    sum_h = sum_h * tl.exp(m_h - mh_safe) + tl.sum(tl.exp(s - mh_safe), axis=0)
-                    m_h = m_new_h
+                    m_h_new = tl.maximum(m_h, tl.max(s, axis=0))
+                    mh_new = tl.where(m_h_new == NEG_INF, 0.0, m_h_new)
+                    sum_h = sum_h * tl.exp(m_h - mh_new) + tl.sum(tl.exp(s - mh_new), axis=0)
+                    m_h = m_h_new
+                    mh = mh_new
 
         log_sum_z = tl.log(sum_z)
         log_sum_s = tl.log(sum_s)
-        lse_z = m_z + log_sum_z
-        lse_s = m_s + log_sum_s
         loss = chk
         div_aux = zero
         if SOFT:
             if DIV == 0:
-                # Σ p (log p − log q) = Σ p (z − s)/τ − (lse_z − lse_s), the lse gap taken
-                # as (max gap) + (log-sum gap) so large logits do not cancel.
-                div = acc_z / sum_z - (m_z - m_s) - (log_sum_z - log_sum_s)
+                div = (acc_zz - acc_zs) / sum_z - (log_sum_z - log_sum_s)
             elif DIV == 1:
-                div = acc_s / sum_s - (m_s - m_z) - (log_sum_s - log_sum_z)
+                div = (acc_ss - acc_sz) / sum_s - (log_sum_s - log_sum_z)
                 div_aux = div
             else:
                 log_1m_beta = tl.log(1.0 - jsd_beta)
@@ -137,9 +149,9 @@ def contrastive_kd_fwd_kernel(
                         t = tl.load(t_row + cols, mask=mask, other=0.0).to(tl.float32)
                     else:
                         t = a
-                    z = contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS)
-                    log_p = z * inv_tau - lse_z
-                    log_q = s * inv_tau - lse_s
+                    # log p = (z/τ − max) − log Σ: exact near the max even at |z| ~ 1e4
+                    log_p = (contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS) * inv_tau - mz) - log_sum_z
+                    log_q = (s * inv_tau - ms) - log_sum_s
                     log_m = log_add_exp(log_q + log_1m_beta, log_p + log_beta)
                     p = tl.exp(log_p)
                     q = tl.exp(log_q)
@@ -148,23 +160,28 @@ def contrastive_kd_fwd_kernel(
                 div = jsd_beta * kl_pm + (1.0 - jsd_beta) * kl_qm
                 div_aux = kl_qm
             loss += w_soft * div
-        lse_h = lse_s
+        if TAU_ONE:
+            mh = ms
+            log_sum_h = log_sum_s
+        else:
+            log_sum_h = tl.log(sum_h)
         if HARD:
-            if not TAU_ONE:
-                lse_h = m_h + tl.log(sum_h)
             in_range = (y >= 0) & (y < V)
             s_y = tl.load(s_row + tl.where(in_range, y, 0)).to(tl.float32)
-            ce = tl.where(in_range, lse_h - s_y, float("nan"))
+            ce = tl.where(in_range, (mh - s_y) + log_sum_h, float("nan"))
             loss += w_hard * ce
         tl.store(loss_ptr + row, loss)
-        stats_row = stats_ptr + row * 5
-        tl.store(stats_row + 0, lse_z)
-        tl.store(stats_row + 1, lse_s)
-        tl.store(stats_row + 2, lse_h)
-        tl.store(stats_row + 3, max_a)
-        tl.store(stats_row + 4, div_aux)
+        stats_row = stats_ptr + row * NUM_STATS
+        tl.store(stats_row + 0, mz)
+        tl.store(stats_row + 1, log_sum_z)
+        tl.store(stats_row + 2, ms)
+        tl.store(stats_row + 3, log_sum_s)
+        tl.store(stats_row + 4, mh)
+        tl.store(stats_row + 5, log_sum_h)
+        tl.store(stats_row + 6, max_a)
+        tl.store(stats_row + 7, div_aux)
     else:
         tl.store(loss_ptr + row, 0.0)
-        stats_row = stats_ptr + row * 5
-        for k in tl.static_range(5):
+        stats_row = stats_ptr + row * NUM_STATS
+        for k in tl.static_range(NUM_STATS):
             tl.store(stats_row + k, 0.0)

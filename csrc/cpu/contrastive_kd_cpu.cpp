@@ -18,7 +18,8 @@ DType kernel_dtype(const at::Tensor& x, const char* name) {
     case at::kFloat: return DType::kFloat32;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, name, " must be float32, bfloat16 or float16, got ", x.scalar_type());
+    case at::kDouble: return DType::kFloat64;
+    default: TORCH_CHECK(false, name, " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
   }
 }
 
@@ -64,6 +65,29 @@ struct Labels {
 
 int64_t grain_rows(int64_t vocab) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(vocab, 1)); }
 
+// float64 anywhere means float64 accumulation (the path gradcheck uses); else fp32.
+bool wants_double(const at::Tensor& s, const at::Tensor& a, const std::optional<at::Tensor>& t) {
+  return s.scalar_type() == at::kDouble || a.scalar_type() == at::kDouble ||
+         (t.has_value() && t->scalar_type() == at::kDouble);
+}
+
+template <typename Acc>
+void forward_rows(const RowView& sv, const RowView& av, const RowView& tv, const Labels& lab, int64_t rows,
+                  int64_t vocab, int64_t ignore_index, const KernelOptions& o, Acc* loss_p, Acc* stats_p) {
+  at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t y = lab.has() ? lab.at(n) : 0;
+      Acc* st = stats_p + n * kNumStats;
+      if (lab.has() && y == ignore_index) {
+        loss_p[n] = 0;
+        for (int k = 0; k < kNumStats; ++k) st[k] = 0;
+        continue;
+      }
+      loss_p[n] = forward_row(sv.row(n), av.row(n), tv.row(n), vocab, y, o, st);
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> native_kd_forward_cpu(
     const at::Tensor& s, const at::Tensor& a, const std::optional<at::Tensor>& t,
     const std::optional<at::Tensor>& labels, double alpha, double plausibility_beta, double temperature,
@@ -72,27 +96,40 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_cpu(
   check_rows(a, s, "a");
   if (t.has_value()) check_rows(*t, s, "t");
   const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
-  auto loss = at::empty({rows}, s.options().dtype(at::kFloat));
-  auto stats = at::empty({rows, kNumStats}, s.options().dtype(at::kFloat));
+  const bool dbl = wants_double(s, a, t);
+  const auto acc = s.options().dtype(dbl ? at::kDouble : at::kFloat);
+  auto loss = at::empty({rows}, acc);
+  auto stats = at::empty({rows, kNumStats}, acc);
   const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
                                        hard_weight, t.has_value());
   const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t");
   const Labels lab(labels);
-  float* loss_p = loss.data_ptr<float>();
-  float* stats_p = stats.data_ptr<float>();
+  if (dbl) {
+    forward_rows<double>(sv, av, tv, lab, rows, vocab, ignore_index, o, loss.data_ptr<double>(),
+                         stats.data_ptr<double>());
+  } else {
+    forward_rows<float>(sv, av, tv, lab, rows, vocab, ignore_index, o, loss.data_ptr<float>(),
+                        stats.data_ptr<float>());
+  }
+  return {loss, stats};
+}
+
+template <typename Acc>
+void backward_rows(const Acc* up_p, int64_t up_stride, const RowView& sv, const RowView& av, const RowView& tv,
+                   const RowView& gv, const Labels& lab, int64_t rows, int64_t vocab, int64_t ignore_index,
+                   const KernelOptions& o, const Acc* stats_p) {
   at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
+      void* g = const_cast<void*>(gv.at(n));
       const int64_t y = lab.has() ? lab.at(n) : 0;
-      float* st = stats_p + n * kNumStats;
       if (lab.has() && y == ignore_index) {
-        loss_p[n] = 0.f;
-        for (int k = 0; k < kNumStats; ++k) st[k] = 0.f;
+        zero_row(g, gv.dtype, vocab);
         continue;
       }
-      loss_p[n] = forward_row(sv.row(n), av.row(n), tv.row(n), vocab, y, o, st);
+      backward_row(up_p[n * up_stride], sv.row(n), av.row(n), tv.row(n), vocab, y, o, stats_p + n * kNumStats, g,
+                   gv.dtype);
     }
   });
-  return {loss, stats};
 }
 
 void native_kd_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& s, const at::Tensor& a,
@@ -106,29 +143,23 @@ void native_kd_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& s, co
   check_rows(grad_s, s, "grad_s");
   const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N]");
+  const bool dbl = wants_double(s, a, t);
+  const auto acc = dbl ? at::kDouble : at::kFloat;
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kNumStats &&
-                  stats.scalar_type() == at::kFloat && stats.is_contiguous(),
-              "stats must be a contiguous float32 [N, 5] tensor from native_kd_forward");
+                  stats.scalar_type() == acc && stats.is_contiguous(),
+              "stats must be a contiguous [N, ", static_cast<int>(kNumStats), "] tensor from native_kd_forward");
   const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
                                        hard_weight, t.has_value());
-  const at::Tensor up = grad_rows.to(at::kFloat);
-  const float* up_p = up.data_ptr<float>();
-  const int64_t up_stride = up.stride(0);
+  const at::Tensor up = grad_rows.to(acc);
   const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t"), gv(grad_s, "grad_s");
   const Labels lab(labels);
-  const float* stats_p = stats.data_ptr<float>();
-  at::parallel_for(0, rows, grain_rows(vocab), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      void* g = const_cast<void*>(gv.at(n));
-      const int64_t y = lab.has() ? lab.at(n) : 0;
-      if (lab.has() && y == ignore_index) {
-        zero_row(g, gv.dtype, vocab);
-        continue;
-      }
-      backward_row(up_p[n * up_stride], sv.row(n), av.row(n), tv.row(n), vocab, y, o, stats_p + n * kNumStats, g,
-                   gv.dtype);
-    }
-  });
+  if (dbl) {
+    backward_rows<double>(up.data_ptr<double>(), up.stride(0), sv, av, tv, gv, lab, rows, vocab, ignore_index, o,
+                          stats.data_ptr<double>());
+  } else {
+    backward_rows<float>(up.data_ptr<float>(), up.stride(0), sv, av, tv, gv, lab, rows, vocab, ignore_index, o,
+                         stats.data_ptr<float>());
+  }
 }
 
 }  // namespace

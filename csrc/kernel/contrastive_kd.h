@@ -17,7 +17,7 @@
 
 namespace caad {
 
-enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2, kFloat64 = 3 };
 
 // A read-only row of V logits in one of the supported dtypes.
 struct Row {
@@ -27,14 +27,15 @@ struct Row {
 
 enum Divergence : int32_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
-// Options after validation, in the form the kernels use.
+// Options after validation, in the form the kernels use (double so that the
+// float64 path is exact; the fp32 path rounds them once).
 struct KernelOptions {
-  float alpha = 1.f;
-  float log_beta_p = 0.f;  // log(plausibility_beta); only read when plausibility is on
-  float inv_tau = 1.f;
-  float jsd_beta = 0.5f;
-  float soft_weight = 1.f;
-  float hard_weight = 0.f;
+  double alpha = 1.0;
+  double log_beta_p = 0.0;  // log(plausibility_beta); only read when plausibility is on
+  double inv_tau = 1.0;
+  double jsd_beta = 0.5;
+  double soft_weight = 1.0;
+  double hard_weight = 0.0;
   int32_t divergence = kForwardKL;  // JSD endpoints already resolved to KL
   bool soft = true;                 // soft_weight != 0: teacher tensors are read
   bool use_text = true;             // alpha != 0 (and soft): t is read
@@ -43,17 +44,24 @@ struct KernelOptions {
   bool tau_one = true;              // temperature == 1: the hard term reuses lse(s/tau)
 };
 
-constexpr int kNumStats = 5;  // lse_z, lse_s, lse_s_hard, max_a, div_aux
+// Per-row statistics; each log-sum-exp is kept as (max, log Σ exp(x − max)) so the
+// backward's log-probabilities (x − max) − log Σ are exact near the max at any scale.
+enum Stat : int { kMaxZ = 0, kLogSumZ, kMaxS, kLogSumS, kMaxH, kLogSumH, kMaxA, kDivAux, kNumStats };
 
-// Loss of one valid row; writes its statistics. `label` is the hard-term target
-// (ignored unless opts.hard); an out-of-range label gives NaN.
+// Loss of one valid row; writes its kNumStats statistics. `label` is the hard-term
+// target (ignored unless opts.hard); an out-of-range label gives NaN. The float
+// overload accumulates in fp32 (the fast path), the double one in fp64.
 float forward_row(const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
                   const KernelOptions& opts, float* stats);
+double forward_row(const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
+                   const KernelOptions& opts, double* stats);
 
 // grad = upstream * d(loss)/d(s) for one valid row, stored in `grad_dtype`.
 // `grad` may alias `s` (in-place backward): each block is read before it is written.
 void backward_row(float upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
                   const KernelOptions& opts, const float* stats, void* grad, DType grad_dtype);
+void backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
+                  const KernelOptions& opts, const double* stats, void* grad, DType grad_dtype);
 
 // Writes `vocab` zeros (the gradient of an ignored row).
 void zero_row(void* grad, DType grad_dtype, int64_t vocab);
