@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -49,9 +50,13 @@ def cuda_buildable() -> bool:
 
 
 def cpu_flags() -> list[str]:
-    # Built on the machine that runs it, so the host's vector ISA is fair game;
-    # no -ffast-math: the kernels rely on IEEE inf/NaN semantics.
-    return ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
+    # Built on the machine that runs it, so the host's vector ISA is fair game. No -ffast-math:
+    # the kernels rely on IEEE inf/NaN results. -fno-trapping-math only lets the compiler
+    # if-convert selects such as `a == -inf ? 0 : a * 0` (FP exception flags are never read).
+    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        flags.append("-mprefer-vector-width=512")  # a no-op on CPUs without AVX-512
+    return flags
 
 
 def cuda_flags() -> list[str]:

@@ -122,30 +122,51 @@ void store_block(void* dst, DType dtype, int64_t offset, int64_t n, const Acc* i
   }
 }
 
-// Contrasted, masked, temperature-scaled teacher logits z/tau of one block.
-// Also returns the block's contribution to the non-finite check (0 or NaN).
-template <typename Acc>
-Acc contrast_block(const Acc* a, const Acc* t, int64_t n, const KernelOptions& o, Acc threshold, Acc* zt) {
-  Acc chk = 0;
+// `#pragma omp simd` lets the compiler vectorise the float reductions below: without
+// it, IEEE addition order forbids it (and -ffast-math would break the inf/NaN rules).
+#define CAAD_SIMD _Pragma("omp simd")
+#define CAAD_SIMD_SUM(...) _Pragma(CAAD_STR(omp simd reduction(+ : __VA_ARGS__)))
+#define CAAD_STR(x) #x
+
+// Contrasted, masked, temperature-scaled teacher logits z/tau of one block and its
+// maximum. Adds the block's share of the non-finite check (0, or NaN) to `chk`.
+// TEXT and PLAUS are template flags so the loop body is branch-free (vectorisable).
+template <typename Acc, bool TEXT, bool PLAUS>
+Acc contrast_block_t(const Acc* a, const Acc* t, int64_t n, const KernelOptions& o, Acc threshold, Acc* zt,
+                     Acc& chk) {
   const Acc alpha = static_cast<Acc>(o.alpha), one_plus = 1 + alpha, inv_tau = static_cast<Acc>(o.inv_tau);
+  Acc c = 0, zmax = kNegInf<Acc>;
+#pragma omp simd reduction(+ : c) reduction(max : zmax)
   for (int64_t i = 0; i < n; ++i) {
-    bool impossible = a[i] == kNegInf<Acc>;
-    Acc z = a[i];
-    chk += impossible ? Acc(0) : a[i] * Acc(0);  // NaN or +inf in a
-    if (o.use_text) {
-      chk += impossible ? Acc(0) : t[i] * Acc(0);  // any non-finite t under a finite a
-      z = one_plus * a[i] - alpha * t[i];
-    }
+    const bool impossible = a[i] == kNegInf<Acc>;
+    // NaN for NaN or +inf in a, and (with the text path) for any non-finite t under a finite a.
+    const Acc bad = TEXT ? a[i] * Acc(0) + t[i] * Acc(0) : a[i] * Acc(0);
+    c += impossible ? Acc(0) : bad;
+    Acc z = TEXT ? one_plus * a[i] - alpha * t[i] : a[i];
     z = impossible ? kNegInf<Acc> : z;
-    if (o.plausibility) z = a[i] < threshold ? kNegInf<Acc> : z;
+    if (PLAUS) z = a[i] < threshold ? kNegInf<Acc> : z;
     zt[i] = z * inv_tau;
+    zmax = zt[i] > zmax ? zt[i] : zmax;  // not std::max: its reference result defeats vectorisation
   }
-  return chk;
+  chk += c;
+  return zmax;
+}
+
+template <typename Acc>
+Acc contrast_block(const Acc* a, const Acc* t, int64_t n, const KernelOptions& o, Acc threshold, Acc* zt,
+                   Acc& chk) {
+  if (o.use_text) {
+    return o.plausibility ? contrast_block_t<Acc, true, true>(a, t, n, o, threshold, zt, chk)
+                          : contrast_block_t<Acc, true, false>(a, t, n, o, threshold, zt, chk);
+  }
+  return o.plausibility ? contrast_block_t<Acc, false, true>(a, t, n, o, threshold, zt, chk)
+                        : contrast_block_t<Acc, false, false>(a, t, n, o, threshold, zt, chk);
 }
 
 template <typename Acc>
 Acc block_max(const Acc* x, int64_t n) {
   Acc m = kNegInf<Acc>;
+#pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
@@ -170,16 +191,42 @@ inline void advance(RunningMax<Acc>& m, Acc block_max_value, Acc& rescale, Acc& 
   m.safe = safe;
 }
 
+// e[i] = exp(x[i] − m); returns Σ e.
+template <typename Acc>
+Acc exp_block(const Acc* x, int64_t n, Acc m, Acc* e) {
+  Acc sum = 0;
+  CAAD_SIMD_SUM(sum)
+  for (int64_t i = 0; i < n; ++i) {
+    e[i] = vexp(x[i] - m);
+    sum += e[i];
+  }
+  return sum;
+}
+
+// Σ e[i]·(x[i] − mx) and Σ e[i]·(y[i] − my) over entries with e > 0 (0·log 0 = 0).
+template <typename Acc>
+void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int64_t n, Acc& gx, Acc& gy) {
+  Acc sx = 0, sy = 0;
+  CAAD_SIMD_SUM(sx, sy)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool live = e[i] > 0;
+    sx += live ? e[i] * (x[i] - mx) : Acc(0);
+    sy += live ? e[i] * (y[i] - my) : Acc(0);
+  }
+  gx = sx;
+  gy = sy;
+}
+
 template <typename Acc>
 Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
-                      const KernelOptions& o, Acc* stats) {
+                     const KernelOptions& o, Acc* stats) {
   using std::log;
   const Acc inv_tau = static_cast<Acc>(o.inv_tau);
   alignas(64) Acc sb[kBlock], st[kBlock], ab[kBlock], tb[kBlock], zt[kBlock], es[kBlock], ez[kBlock];
   Acc max_a = kNegInf<Acc>;
   if (o.soft && o.plausibility) {
     for (int64_t start = 0; start < vocab; start += kBlock) {
-      int64_t n = std::min(kBlock, vocab - start);
+      const int64_t n = std::min(kBlock, vocab - start);
       load_block(a, start, n, ab);
       max_a = std::max(max_a, block_max(ab, n));
     }
@@ -193,51 +240,36 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   Acc sum_z = 0, sum_s = 0, sum_h = 0;
   Acc acc_zz = 0, acc_zs = 0;  // forward KL = (acc_zz − acc_zs)/sum_z − log sum_z + log sum_s
   Acc acc_ss = 0, acc_sz = 0;  // reverse KL, mirrored
-  Acc chk = 0;                       // stays 0 unless a NaN/+inf rule of SPEC §3 fires
+  Acc chk = 0;                 // stays 0 unless a NaN/+inf rule of SPEC §3 fires
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     load_block(s, start, n, sb);
-    Acc smax = kNegInf<Acc>;
+    Acc smax = kNegInf<Acc>, c = 0;
+#pragma omp simd reduction(+ : c) reduction(max : smax)
     for (int64_t i = 0; i < n; ++i) {
-      chk += sb[i] == kNegInf<Acc> ? Acc(0) : sb[i] * Acc(0);
+      c += sb[i] == kNegInf<Acc> ? Acc(0) : sb[i] * Acc(0);
       st[i] = sb[i] * inv_tau;
       smax = st[i] > smax ? st[i] : smax;
     }
+    chk += c;
     Acc c_s, shift_s;
     advance(ms, smax, c_s, shift_s);
-    Acc block_sum_s = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      es[i] = vexp(st[i] - ms.safe);
-      block_sum_s += es[i];
-    }
+    const Acc block_sum_s = exp_block(st, n, ms.safe, es);
     if (o.soft) {
       load_block(a, start, n, ab);
       if (o.use_text) load_block(t, start, n, tb);
-      chk += contrast_block(ab, tb, n, o, threshold, zt);
       Acc c_z, shift_z;
-      advance(mz, block_max(zt, n), c_z, shift_z);
-      Acc block_sum_z = 0, bzz = 0, bzs = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        ez[i] = vexp(zt[i] - mz.safe);
-        block_sum_z += ez[i];
-      }
+      advance(mz, contrast_block(ab, tb, n, o, threshold, zt, chk), c_z, shift_z);
+      const Acc block_sum_z = exp_block(zt, n, mz.safe, ez);
+      Acc gx, gy;
       if (o.divergence == kForwardKL) {
-        for (int64_t i = 0; i < n; ++i) {
-          bool live = ez[i] > 0;
-          bzz += live ? ez[i] * (zt[i] - mz.safe) : Acc(0);
-          bzs += live ? ez[i] * (st[i] - ms.safe) : Acc(0);
-        }
-        acc_zz = c_z * (acc_zz - shift_z * sum_z) + bzz;
-        acc_zs = c_z * (acc_zs - shift_s * sum_z) + bzs;
+        weighted_gaps(ez, zt, mz.safe, st, ms.safe, n, gx, gy);
+        acc_zz = c_z * (acc_zz - shift_z * sum_z) + gx;
+        acc_zs = c_z * (acc_zs - shift_s * sum_z) + gy;
       } else if (o.divergence == kReverseKL) {
-        Acc bss = 0, bsz = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          bool live = es[i] > 0;
-          bss += live ? es[i] * (st[i] - ms.safe) : Acc(0);
-          bsz += live ? es[i] * (zt[i] - mz.safe) : Acc(0);
-        }
-        acc_ss = c_s * (acc_ss - shift_s * sum_s) + bss;
-        acc_sz = c_s * (acc_sz - shift_z * sum_s) + bsz;
+        weighted_gaps(es, st, ms.safe, zt, mz.safe, n, gx, gy);
+        acc_ss = c_s * (acc_ss - shift_s * sum_s) + gx;
+        acc_sz = c_s * (acc_sz - shift_z * sum_s) + gy;
       }
       sum_z = sum_z * c_z + block_sum_z;
     }
@@ -245,9 +277,7 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
     if (o.hard && !o.tau_one) {
       Acc c_h, shift_h;
       advance(mh, block_max(sb, n), c_h, shift_h);
-      Acc bh = 0;
-      for (int64_t i = 0; i < n; ++i) bh += vexp(sb[i] - mh.safe);
-      sum_h = sum_h * c_h + bh;
+      sum_h = sum_h * c_h + exp_block(sb, n, mh.safe, es);
     }
   }
 
@@ -262,28 +292,30 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
       div = (acc_ss - acc_sz) / sum_s - (log_sum_s - log_sum_z);
       div_aux = div;
     } else {
+      // Generalized JSD needs both normalisers before log m: a second pass.
+      const Acc beta = static_cast<Acc>(o.jsd_beta);
       const Acc log_1m_beta = static_cast<Acc>(std::log1p(-o.jsd_beta));
       const Acc log_beta = static_cast<Acc>(std::log(o.jsd_beta));
-      Acc kl_pm = 0, kl_qm = 0;
+      Acc kl_pm = 0, kl_qm = 0, unused = 0;
       for (int64_t start = 0; start < vocab; start += kBlock) {
-        int64_t n = std::min(kBlock, vocab - start);
+        const int64_t n = std::min(kBlock, vocab - start);
         load_block(s, start, n, sb);
         load_block(a, start, n, ab);
         if (o.use_text) load_block(t, start, n, tb);
-        contrast_block(ab, tb, n, o, threshold, zt);
+        contrast_block(ab, tb, n, o, threshold, zt, unused);
         Acc kp = 0, kq = 0;
+        CAAD_SIMD_SUM(kp, kq)
         for (int64_t i = 0; i < n; ++i) {
-          Acc log_p = (zt[i] - mz.safe) - log_sum_z;
-          Acc log_q = (sb[i] * inv_tau - ms.safe) - log_sum_s;
-          Acc log_m = log_add_exp_t(log_q + log_1m_beta, log_p + log_beta);
-          Acc p = vexp(log_p), q = vexp(log_q);
+          const Acc log_p = (zt[i] - mz.safe) - log_sum_z;
+          const Acc log_q = (sb[i] * inv_tau - ms.safe) - log_sum_s;
+          const Acc log_m = log_add_exp_t(log_q + log_1m_beta, log_p + log_beta);
+          const Acc p = vexp(log_p), q = vexp(log_q);
           kp += p > 0 ? p * (log_p - log_m) : Acc(0);
           kq += q > 0 ? q * (log_q - log_m) : Acc(0);
         }
         kl_pm += kp;
         kl_qm += kq;
       }
-      const Acc beta = static_cast<Acc>(o.jsd_beta);
       div = beta * kl_pm + (1 - beta) * kl_qm;
       div_aux = kl_qm;
     }
@@ -323,37 +355,50 @@ void backward_row_impl(Acc upstream, const Row& s, const Row& a, const Row& t, i
   const Acc c_soft = upstream * static_cast<Acc>(o.soft_weight) * inv_tau;
   const Acc c_hard = upstream * static_cast<Acc>(o.hard_weight);
   const Acc beta = static_cast<Acc>(o.jsd_beta);
-  const Acc log_1m_beta = static_cast<Acc>(std::log1p(-o.jsd_beta)), log_beta = static_cast<Acc>(std::log(o.jsd_beta));
+  const Acc log_1m_beta = static_cast<Acc>(std::log1p(-o.jsd_beta));
+  const Acc log_beta = static_cast<Acc>(std::log(o.jsd_beta));
+  Acc unused = 0;
   for (int64_t start = 0; start < vocab; start += kBlock) {
-    int64_t n = std::min(kBlock, vocab - start);
+    const int64_t n = std::min(kBlock, vocab - start);
     load_block(s, start, n, sb);
     if (o.soft) {
       load_block(a, start, n, ab);
       if (o.use_text) load_block(t, start, n, tb);
-      contrast_block(ab, tb, n, o, threshold, zt);
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      Acc log_q = (sb[i] * inv_tau - max_s) - log_sum_s;
-      Acc q = vexp(log_q);
-      Acc gi = 0;
-      if (o.soft) {
-        Acc log_p = (zt[i] - max_z) - log_sum_z;
-        Acc d;
-        if (o.divergence == kForwardKL) {
-          d = q - vexp(log_p);
-        } else if (o.divergence == kReverseKL) {
-          d = q > 0 ? q * (log_q - log_p - div_aux) : Acc(0);
-        } else {
-          Acc log_m = log_add_exp_t(log_q + log_1m_beta, log_p + log_beta);
-          d = (1 - beta) * (q > 0 ? q * (log_q - log_m - div_aux) : Acc(0));
+      contrast_block(ab, tb, n, o, threshold, zt, unused);
+      // One loop per divergence, so each is a straight-line vector loop.
+      if (o.divergence == kForwardKL) {
+        CAAD_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc q = vexp((sb[i] * inv_tau - max_s) - log_sum_s);
+          const Acc p = vexp((zt[i] - max_z) - log_sum_z);
+          g[i] = c_soft * (q - p);
         }
-        gi += c_soft * d;
+      } else if (o.divergence == kReverseKL) {
+        CAAD_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc log_q = (sb[i] * inv_tau - max_s) - log_sum_s;
+          const Acc log_p = (zt[i] - max_z) - log_sum_z;
+          const Acc q = vexp(log_q);
+          g[i] = c_soft * (q > 0 ? q * (log_q - log_p - div_aux) : Acc(0));
+        }
+      } else {
+        CAAD_SIMD
+        for (int64_t i = 0; i < n; ++i) {
+          const Acc log_q = (sb[i] * inv_tau - max_s) - log_sum_s;
+          const Acc log_p = (zt[i] - max_z) - log_sum_z;
+          const Acc q = vexp(log_q);
+          const Acc log_m = log_add_exp_t(log_q + log_1m_beta, log_p + log_beta);
+          g[i] = c_soft * (1 - beta) * (q > 0 ? q * (log_q - log_m - div_aux) : Acc(0));
+        }
       }
-      if (o.hard) {
-        Acc q_h = o.tau_one ? q : vexp((sb[i] - max_h) - log_sum_h);
-        gi += c_hard * (q_h - (start + i == label ? Acc(1) : Acc(0)));
-      }
-      g[i] = gi;
+    } else {
+      CAAD_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = 0;
+    }
+    if (o.hard) {
+      CAAD_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] += c_hard * vexp((sb[i] - max_h) - log_sum_h);
+      if (label >= start && label < start + n) g[label - start] -= c_hard;
     }
     store_block(grad, grad_dtype, start, n, g);
   }
