@@ -1,0 +1,165 @@
+"""The C++ ops of csrc/ (caad_kernels/jit.py, native_ops.py, backends/native_backend.py).
+
+Parity of every option with the independent oracle lives in the shared SPEC tests,
+which parametrize over every available backend, ``cpu`` included; here: the op
+registrations, float64 gradcheck through the C++ kernel, the JIT cache, the
+build-failure fallback and the native build outside Python (CMake, nvcc).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from caad_kernels import contrastive_kd_loss, jit
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif("cpu" not in jit.load(), reason="the C++ kernels did not build here")
+
+SCALARS = [
+    # alpha, plausibility_beta, temperature, divergence code, jsd_beta, soft_weight, hard_weight, ignore_index
+    (1.0, 0.0, 1.0, 0, 0.5, 1.0, 0.0, -100),
+    (0.5, 0.1, 2.0, 2, 0.3, 1.0, 0.4, -100),
+    (1.0, 0.0, 0.7, 1, 0.5, 0.8, 0.0, -100),
+]
+
+
+def _rows(dtype, shape=(2, 5, 41), seed=0, strided=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def make():
+        x = torch.randn(shape[0], shape[1] + 1, shape[2], generator=g, dtype=torch.float64) * 2
+        x = x[:, :-1] if strided else x[:, 1:].contiguous()  # logits[:, :-1] is not row-uniform
+        return x.to(dtype)
+
+    s, a, t = make(), make(), make()
+    labels = torch.randint(0, shape[2], shape[:2], generator=g)
+    labels[0, 1] = -100
+    return s, a, t, labels
+
+
+@pytest.mark.parametrize("scalars", SCALARS, ids=["fkl", "jsd-plaus-hard", "rkl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_opcheck_native_ops(scalars, dtype, strided):
+    s, a, t, labels = _rows(dtype, strided=strided)
+    s.requires_grad_(dtype != torch.bfloat16)  # opcheck's autograd test needs a float64/fp32 leaf
+    torch.library.opcheck(torch.ops.caad.native_kd_forward.default, (s, a, t, labels, *scalars))
+    loss, stats = torch.ops.caad.native_kd_forward(s.detach(), a, t, labels, *scalars)
+    grad_rows = torch.rand_like(loss)
+    out = torch.empty_like(s.detach())
+    torch.library.opcheck(torch.ops.caad.native_kd_backward.default,
+                          (grad_rows, s.detach(), a, t, labels, stats, *scalars, out))
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(divergence="reverse_kl", temperature=0.8),
+    dict(divergence="jsd", jsd_beta=0.35, plausibility_beta=0.1, alpha=0.5),
+    dict(hard_weight=0.5, temperature=2.0, alpha=0.0),
+    dict(soft_weight=0.0, hard_weight=1.0),
+], ids=["fkl", "rkl", "jsd-plaus", "hard-tau2", "hard-only"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64_through_the_cpu_kernel(kw, reduction):
+    s, a, t, labels = _rows(torch.float64, shape=(2, 3, 13), seed=1, strided=True)
+    s = s.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: contrastive_kd_loss(x, a, t, labels, backend="cpu", reduction=reduction, **kw), (s,))
+
+
+def test_gradcheck_of_the_raw_native_op():
+    """The autograd registered on caad::native_kd_forward itself (not only the wrapper op)."""
+    s, a, t, labels = _rows(torch.float64, shape=(1, 4, 9), seed=2)
+    s = s.detach().requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x: torch.ops.caad.native_kd_forward(x, a, t, labels, *SCALARS[1])[0], (s,))
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=env, timeout=900, cwd=ROOT)
+
+
+LOAD_AND_USE = """
+    import warnings, torch, caad_kernels
+    from caad_kernels import jit, contrastive_kd_loss
+    s, a, t = torch.randn(3, 11), torch.randn(3, 11), torch.randn(3, 11)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kinds = jit.load()
+        loss = contrastive_kd_loss(s, a, t)
+    ref = contrastive_kd_loss(s, a, t, backend="torch")
+    print("KINDS", sorted(kinds), jit.origin())
+    print("WARNINGS", [str(w.message) for w in caught])
+    print("CLOSE", bool(torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)))
+"""
+
+
+def test_jit_build_is_cached_per_directory(tmp_path):
+    env = {**os.environ, "CAAD_EXT_DIR": str(tmp_path)}
+    first = _python(LOAD_AND_USE, env)
+    assert first.returncode == 0, first.stderr
+    assert "compiling the C++" in first.stderr and "KINDS ['cpu'] jit" in first.stdout
+    second = _python(LOAD_AND_USE, env)
+    assert second.returncode == 0, second.stderr
+    assert "compiling" not in second.stderr, second.stderr  # reused: no second build
+    assert "CLOSE True" in second.stdout
+    built = list(tmp_path.glob("*/caad_native.so"))
+    assert len(built) == 1, built
+
+
+def test_failed_build_falls_back_with_one_warning(tmp_path):
+    env = {**os.environ, "CAAD_EXT_DIR": str(tmp_path), "CXX": "/bin/false", "CAAD_BACKEND": ""}
+    proc = _python(LOAD_AND_USE, env)
+    assert proc.returncode == 0, proc.stderr
+    assert "KINDS [] failed" in proc.stdout
+    warnings_line = next(line for line in proc.stdout.splitlines() if line.startswith("WARNINGS"))
+    assert warnings_line.count("building the C++ kernels failed") == 1, warnings_line
+    log = next(tmp_path.glob("*/build.log"))
+    assert str(log) in warnings_line and log.read_text().strip()
+    assert "CLOSE True" in proc.stdout  # auto fell back to a working backend
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_and_ctest_of_the_core(tmp_path):
+    build = tmp_path / "build"
+    for cmd in (["cmake", "-S", str(ROOT), "-B", str(build)], ["cmake", "--build", str(build), "-j2"],
+                ["ctest", "--test-dir", str(build), "--output-on-failure"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "100% tests passed" in proc.stdout
+
+
+def _nvcc() -> str | None:
+    return shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
+
+
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.skipif(not (ROOT / "csrc/cuda/contrastive_kd_kernels.cu").exists(), reason="no CUDA sources yet")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
+    """Compile-only (nothing runs here): the CUDA kernels build for Ampere and Hopper without spills."""
+    gencode = f"arch=compute_{arch[3:]},code={arch}"
+    proc = subprocess.run([_nvcc(), "-std=c++17", "-O3", "-gencode", gencode, "-Xptxas", "-v", "-c",
+                           str(ROOT / "csrc/cuda/contrastive_kd_kernels.cu"), "-I", str(ROOT / "csrc"),
+                           "-o", str(tmp_path / "k.o")], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    spills = [line for line in proc.stderr.splitlines() if "spill" in line and not line.strip().startswith("0 bytes")
+              and " 0 bytes spill stores, 0 bytes spill loads" not in line]
+    assert not spills, spills
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_backend_matches_the_cpu_kernel():
+    if "cuda" not in jit.load():
+        pytest.skip("the CUDA kernels were not built")
+    s, a, t, labels = _rows(torch.bfloat16, shape=(4, 16, 1000), seed=3, strided=True)
+    for kw in (dict(), dict(divergence="jsd", jsd_beta=0.3, plausibility_beta=0.1, hard_weight=0.2)):
+        want = contrastive_kd_loss(s, a, t, labels, backend="cpu", reduction="none", **kw)
+        got = contrastive_kd_loss(s.cuda(), a.cuda(), t.cuda(), labels.cuda(), backend="cuda", reduction="none", **kw)
+        torch.testing.assert_close(got.cpu(), want, rtol=2e-3, atol=1e-4)
