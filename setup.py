@@ -1,20 +1,72 @@
-"""Packaging for caad: Contrastive Audio-Aware Distillation kernels and trainer."""
+"""Packaging for caad: Contrastive Audio-Aware Distillation kernels and trainer.
+
+The C++/CUDA kernels in csrc/ are shipped as sources (copied into caad_kernels/_csrc)
+and JIT-built on first use. ``CAAD_BUILD_EXT=1 pip install --no-build-isolation .``
+builds them ahead of time instead (needs torch installed first; CUDA sources are
+included when torch has CUDA and nvcc is found).
+"""
+
+import os
+import shutil
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+class BuildPyWithSources(build_py):
+    """Also installs csrc/ as caad_kernels/_csrc, so the JIT build works from a wheel."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "caad_kernels" / "_csrc"
+        shutil.copytree(ROOT / "csrc", target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tests"))
+
+
+def native_extensions():
+    if os.environ.get("CAAD_BUILD_EXT") != "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    sources = ["csrc/aot_module.cpp", "csrc/ops.cpp", "csrc/cpu/contrastive_kd_cpu.cpp", "csrc/kernel/contrastive_kd.cpp"]
+    # Same flags as the JIT build (caad_kernels/jit.py); CAAD_CPU_ARCH=x86-64-v3 etc. for portable wheels.
+    cxx = ["-O3", f"-march={os.environ.get('CAAD_CPU_ARCH', 'native')}", "-fno-trapping-math", "-fno-math-errno",
+           "-fopenmp", "-DNDEBUG"]
+    with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if with_cuda:
+        sources += ["csrc/cuda/contrastive_kd_cuda.cpp", "csrc/cuda/contrastive_kd_kernels.cu"]
+        ext = CUDAExtension(
+            "caad_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
+            extra_compile_args={"cxx": cxx + ["-DCAAD_WITH_CUDA"],
+                                "nvcc": ["-O3", "-lineinfo", "-DNDEBUG", "-DCAAD_WITH_CUDA",
+                                         "-gencode", "arch=compute_80,code=sm_80",
+                                         "-gencode", "arch=compute_90a,code=sm_90a"]},
+            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("caad_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
+                           extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, ext_cmdclass = native_extensions()
 
 setup(
     name="caad",
     version="0.1.0",
     description="Fused contrastive knowledge-distillation kernels (Triton, C++/CUDA) for speech language models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["caad_kernels", "caad_kernels.*", "caad", "caad.*"]),
     install_requires=[
         "torch>=2.6",
-        # Triton wheels exist for Linux x86-64 only; elsewhere the torch backend serves.
+        # Triton wheels exist for Linux x86-64 only; elsewhere the torch and cpu backends serve.
         "triton>=3.2; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "numpy",
+        "ninja",  # the JIT build of csrc/ on first use
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff"],
@@ -22,5 +74,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },
+    ext_modules=ext_modules,
+    cmdclass={"build_py": BuildPyWithSources, **ext_cmdclass},
     license="Apache-2.0",
 )
