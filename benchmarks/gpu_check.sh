@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One prepared GPU check (< 5 minutes on an H100/H200, no network): install the package from
+# this checkout, run the GPU tests, then the headline GPU benchmarks, and write the JSON,
+# the Markdown report and the plots to $OUT (the device tool's output folder) or ./gpu_results.
+#   bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 CAAD_EXT_DIR="${CAAD_EXT_DIR:-/tmp/caad-ext}"
+python3 -m pip install --no-build-isolation --no-deps -q -e . 2>&1 | tail -n 2
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" \
+  | tee -a "$out/device.txt"
+
+# GPU tests first (the C++/CUDA build happens here, on first use).
+timeout 200 python3 -m pytest -q -x tests/test_gpu.py tests/test_native.py tests/test_ops.py 2>&1 | tee "$out/tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+# Headline cases of ANCHORS.md: N=8192, V=151,936 and N=8192, V=32,000, bf16, fwd+bwd, every contender.
+timeout 150 python3 -m pytest benchmarks/ --benchmark-only -q -k "fwd+bwd and (N8192-V151936 or N8192-V32000)" \
+  --benchmark-json "$out/bench.json" 2>&1 | tee "$out/bench.log"
+python3 -m benchmarks.report "$out/bench.json" --out "$out" 2>&1 | tail -n 1
+exit "$tests_rc"

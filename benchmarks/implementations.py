@@ -1,0 +1,120 @@
+"""Every contender of the contrastive KD benchmark, called on the same inputs for the same math.
+
+The loss is SPEC §2 with α = 1, τ = 1, forward KL, mean over valid tokens (ANCHORS.md):
+``z = 2a − t``, ``KL(softmax(z) ‖ softmax(s))``. Each contender is a factory that
+returns ``fn(s, a, t, labels) -> loss`` or None (with the reason) where it cannot run.
+Peers get the contrast computed in plain PyTorch first, as their users would do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from caad_kernels import available_backends, contrastive_kd_loss, contrastive_kd_reference
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+ALPHA = 1.0
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    kind: str  # "ours" or "peer"
+    make: Callable[[torch.device], LossFn | str]  # a loss function, or why it cannot run
+    materialises: bool = False  # holds several [N, V] fp32 temporaries (skipped where that cannot fit)
+
+
+def _ours(backend: str) -> Callable[[torch.device], LossFn | str]:
+    def make(device: torch.device) -> LossFn | str:
+        if backend not in available_backends(device):
+            return f"backend {backend!r} unavailable on {device.type}"
+        if backend == "triton" and device.type == "cpu":
+            return "the Triton interpreter is a test vehicle, not a CPU backend"
+
+        def fn(s, a, t, labels):
+            return contrastive_kd_loss(s, a, t, labels, alpha=ALPHA, backend=backend)
+
+        return fn
+
+    return make
+
+
+def _eager(device: torch.device) -> LossFn:
+    def fn(s, a, t, labels):
+        return contrastive_kd_reference(s, a, t, labels, alpha=ALPHA)
+
+    return fn
+
+
+def _compiled(device: torch.device) -> LossFn:
+    return torch.compile(_eager(device), dynamic=False)
+
+
+def _contrast(a: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (1 + ALPHA) * a.float() - ALPHA * t.float()
+
+
+def _trl(device: torch.device) -> LossFn | str:
+    if importlib.util.find_spec("trl") is None:
+        return "trl not installed"
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    try:
+        from trl import GKDTrainer
+    except ImportError:
+        from trl.experimental.gkd import GKDTrainer
+
+    def fn(s, a, t, labels):
+        # beta=0 is forward KL(p_teacher ‖ q_student) in TRL's convention; batchmean with labels = our mean.
+        return GKDTrainer.generalized_jsd_loss(s, _contrast(a, t), labels=labels, beta=0.0)
+
+    return fn
+
+
+def _liger(device: torch.device) -> LossFn | str:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel not installed"
+    if device.type != "cuda":
+        return "Liger's Triton kernels need CUDA"
+    from liger_kernel.transformers import LigerJSD
+
+    jsd = LigerJSD(beta=0.0)  # forward KL, as its users call it: after log_softmax of both sides
+
+    def fn(s, a, t, labels):
+        v = s.shape[-1]
+        log_q = torch.log_softmax(s.reshape(-1, v).float(), dim=-1)
+        log_p = torch.log_softmax(_contrast(a, t).reshape(-1, v), dim=-1)
+        return jsd(log_q, log_p, labels.reshape(-1))
+
+    return fn
+
+
+def _torchtune(device: torch.device) -> LossFn | str:
+    if importlib.util.find_spec("torchtune") is None:
+        return "torchtune not installed"
+    from torchtune.modules.loss import ForwardKLLoss
+
+    kl = ForwardKLLoss()
+
+    def fn(s, a, t, labels):
+        v = s.shape[-1]
+        return kl(s.reshape(-1, v), _contrast(a, t).reshape(-1, v), labels.reshape(-1))
+
+    return fn
+
+
+CONTENDERS = [
+    Contender("caad-cuda", "ours", _ours("cuda")),
+    Contender("caad-triton", "ours", _ours("triton")),
+    Contender("caad-cpu", "ours", _ours("cpu")),
+    Contender("caad-torch", "ours", _ours("torch")),
+    Contender("eager", "peer", _eager, materialises=True),
+    Contender("torch.compile", "peer", _compiled, materialises=True),
+    Contender("trl", "peer", _trl, materialises=True),
+    Contender("liger", "peer", _liger, materialises=True),
+    Contender("torchtune", "peer", _torchtune, materialises=True),
+]

@@ -1,0 +1,135 @@
+"""Turn pytest-benchmark JSON into the Markdown table and plots of the README's Performance section.
+
+    python -m benchmarks.report bench.json [more.json ...] [--out benchmarks/results]
+
+Writes ``<out>/REPORT.md`` (device, date, versions, the command, one table per dtype and
+mode with each contender's time as a ratio to ours) and PNG plots: time vs V, peak extra
+memory vs N, percent of the bandwidth roofline. "ours" is the fastest caad backend measured
+for that case; ratios are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+COMMAND = "pytest benchmarks/ --benchmark-only --benchmark-json=bench.json && python -m benchmarks.report bench.json"
+
+
+def load(paths: list[Path]) -> tuple[list[dict], dict]:
+    rows, meta = [], {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        meta = {"datetime": data.get("datetime", ""), "machine": data.get("machine_info", {}),
+                "commit": data.get("commit_info", {})}
+        for bench in data["benchmarks"]:
+            info = dict(bench.get("extra_info", {}))
+            if "contender" not in info:
+                continue
+            info["median_s"] = bench["stats"]["median"]
+            rows.append(info)
+    return rows, meta
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    import torch
+
+    machine = meta.get("machine", {})
+    device = rows[0].get("device", "?") if rows else "?"
+    lines = [
+        "# Contrastive KD loss: benchmark report",
+        "",
+        f"- device: **{device}** ({machine.get('cpu', {}).get('brand_raw', machine.get('processor', ''))}, "
+        f"{machine.get('cpu', {}).get('count', '?')} logical CPUs)",
+        f"- date: {meta.get('datetime', '?')}; commit {meta.get('commit', {}).get('id', '?')[:10]}",
+        f"- versions: python {machine.get('python_version', '?')}, torch {torch.__version__}",
+        "- loss: z = 2a − t, τ = 1, forward KL, mean over valid tokens; median of the rounds, "
+        "peak = memory allocated beyond the live inputs",
+        f"- reproduce: `{COMMAND}`",
+        "",
+    ]
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["dtype"], r["mode"], r["n"], r["vocab"])].append(r)
+    for (dtype, mode, n, vocab), case in sorted(groups.items()):
+        ours = [r for r in case if r["kind"] == "ours"]
+        best = min(ours, key=lambda r: r["median_s"]) if ours else None
+        lines += [f"### {mode}, {dtype}, N = {n}, V = {vocab:,}", "",
+                  "| contender | median | time / ours | tokens/s | % roofline | peak extra |",
+                  "|---|---|---|---|---|---|"]
+        for r in sorted(case, key=lambda r: r["median_s"]):
+            ratio = f"{r['median_s'] / best['median_s']:.2f}×" if best else "n/a"
+            lines.append(
+                f"| {r['contender']}{' (ours)' if r is best else ''} | {r['median_s'] * 1e3:.1f} ms | {ratio} | "
+                f"{r.get('tokens_per_s', 0):,.0f} | {r.get('percent_of_roofline', 0):.0f} % | "
+                f"{_fmt_bytes(r.get('peak_extra_bytes'))} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    full = [r for r in rows if r["mode"] == "fwd+bwd"]
+    for dtype in sorted({r["dtype"] for r in full}):
+        sel = [r for r in full if r["dtype"] == dtype]
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        by = defaultdict(list)
+        for r in sel:
+            by[(r["contender"], r["n"])].append(r)
+        for (name, n), rs in sorted(by.items()):
+            rs.sort(key=lambda r: r["vocab"])
+            axes[0].plot([r["vocab"] for r in rs], [r["median_s"] * 1e3 for r in rs], marker="o", label=f"{name} N={n}")
+        axes[0].set(xlabel="V", ylabel="fwd+bwd time (ms)", yscale="log", title=f"time vs V ({dtype})")
+        by_v = defaultdict(list)
+        for r in sel:
+            if r.get("peak_extra_bytes") is not None:
+                by_v[(r["contender"], r["vocab"])].append(r)
+        for (name, vocab), rs in sorted(by_v.items()):
+            rs.sort(key=lambda r: r["n"])
+            axes[1].plot([r["n"] for r in rs], [r["peak_extra_bytes"] / 2**30 for r in rs], marker="o",
+                         label=f"{name} V={vocab}")
+        axes[1].set(xlabel="N", ylabel="peak extra memory (GiB)", title="peak extra memory vs N")
+        names = sorted({r["contender"] for r in sel})
+        best_pct = [max(r.get("percent_of_roofline", 0) for r in sel if r["contender"] == nm) for nm in names]
+        axes[2].bar(names, best_pct)
+        axes[2].set(ylabel="% of bandwidth roofline (best case)", title="roofline")
+        axes[2].tick_params(axis="x", rotation=30)
+        for ax in axes[:2]:
+            ax.legend(fontsize=6)
+        fig.tight_layout()
+        path = out / f"contrastive_kd_{dtype}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    rows, meta = load(args.json)
+    if not rows:
+        raise SystemExit("no timed benchmark in the JSON (was it run with --benchmark-disable?)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "REPORT.md").write_text(markdown(rows, meta))
+    written = plots(rows, args.out)
+    print(f"wrote {args.out / 'REPORT.md'} and {', '.join(str(p) for p in written)}")
+
+
+if __name__ == "__main__":
+    main()
