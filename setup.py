@@ -69,7 +69,7 @@ setup(
         "ninja",  # the JIT build of csrc/ on first use
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib"],  # matplotlib: the report test
         "train": ["transformers>=4.45", "accelerate>=1.0"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
