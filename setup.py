@@ -31,7 +31,8 @@ def native_extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/aot_module.cpp", "csrc/ops.cpp", "csrc/cpu/contrastive_kd_cpu.cpp", "csrc/kernel/contrastive_kd.cpp"]
+    sources = ["csrc/aot_module.cpp", "csrc/ops.cpp", "csrc/cpu/contrastive_kd_cpu.cpp",
+               "csrc/kernel/contrastive_kd.cpp"]
     # Same flags as the JIT build (caad_kernels/jit.py); CAAD_CPU_ARCH=x86-64-v3 etc. for portable wheels.
     cxx = ["-O3", f"-march={os.environ.get('CAAD_CPU_ARCH', 'native')}", "-fno-trapping-math", "-fno-math-errno",
            "-fopenmp", "-DNDEBUG"]

@@ -73,7 +73,11 @@ def _liger():
     return fn
 
 
-CONTENDERS = {"caad-fused-linear": lambda: _ours, "eager-materialised": lambda: _eager, "liger-fused-linear-jsd": _liger}
+CONTENDERS = {
+    "caad-fused-linear": lambda: _ours,
+    "eager-materialised": lambda: _eager,
+    "liger-fused-linear-jsd": _liger,
+}
 
 
 @pytest.mark.parametrize("name", list(CONTENDERS))
