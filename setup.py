@@ -34,8 +34,8 @@ def native_extensions():
     sources = ["csrc/aot_module.cpp", "csrc/ops.cpp", "csrc/cpu/contrastive_kd_cpu.cpp",
                "csrc/kernel/contrastive_kd.cpp"]
     # Same flags as the JIT build (caad_kernels/jit.py); CAAD_CPU_ARCH=x86-64-v3 etc. for portable wheels.
-    cxx = ["-O3", f"-march={os.environ.get('CAAD_CPU_ARCH', 'native')}", "-fno-trapping-math", "-fno-math-errno",
-           "-fopenmp", "-DNDEBUG"]
+    cxx = ["-O3", f"-march={os.environ.get('CAAD_CPU_ARCH', 'native')}", "-ffp-contract=off", "-fno-trapping-math",
+           "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
         sources += ["csrc/cuda/contrastive_kd_cuda.cpp", "csrc/cuda/contrastive_kd_kernels.cu"]

@@ -53,7 +53,10 @@ def cpu_flags() -> list[str]:
     # Built on the machine that runs it, so the host's vector ISA is fair game. No -ffast-math:
     # the kernels rely on IEEE inf/NaN results. -fno-trapping-math only lets the compiler
     # if-convert selects such as `a == -inf ? 0 : a * 0` (FP exception flags are never read).
-    flags = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+    # -ffp-contract=off: no implicit FMAs, so x/τ − max rounds like the stored statistics and
+    # results do not depend on the host's ISA (fast_math.h uses explicit FMAs where it wants them).
+    flags = ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fopenmp",
+             "-DNDEBUG"]
     if platform.machine() in ("x86_64", "AMD64"):
         flags.append("-mprefer-vector-width=512")  # a no-op on CPUs without AVX-512
     return flags

@@ -87,10 +87,19 @@ def _undefined_rows(
 
 
 def _xlogy_diff(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:
-    """Σ_v w_v (log w_v − log other_v) with 0·log 0 = 0, safe for autograd."""
-    live = w > 0
-    diff = torch.where(live, log_w, torch.zeros_like(log_w)) - torch.where(live, log_other, torch.zeros_like(log_other))
-    return torch.where(live, w * diff, torch.zeros_like(w)).sum(dim=-1)
+    """Σ_v w_v (log w_v − log other_v) with 0·log 0 = 0, safe for autograd.
+
+    The support is decided on ``log w > −inf``, not on the rounded ``w``: a token in the
+    support where ``other`` is impossible makes the divergence +inf even if its ``w``
+    underflows (SPEC §3: −inf in s where p > 0 gives +inf).
+    """
+    support = log_w > -math.inf
+    impossible = support & (log_other == -math.inf)
+    live = support & ~impossible
+    zero = torch.zeros_like(log_w)
+    diff = torch.where(live, log_w, zero) - torch.where(live, log_other, zero)
+    finite = torch.where(live, w * diff, zero).sum(dim=-1)
+    return torch.where(impossible.any(dim=-1), torch.full_like(finite, math.inf), finite)
 
 
 def _log_mixture(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:

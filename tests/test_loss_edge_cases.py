@@ -615,3 +615,25 @@ def test_teacher_vocab_larger_refused(backend):
         contrastive_kd_loss(s, a, t, backend=backend)
     with pytest.raises(ValueError, match=r"(?i)slice|\[\s*\.\.\.\s*,\s*:\s*100\s*\]"):
         contrastive_kd_loss(s, a, None, alpha=0.0, backend=backend)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_kl_does_not_depend_on_entry_order(backend, divergence):
+    """SPEC §3: a token with p > 0 where s = −inf gives +inf (reverse KL: q > 0 where z = −inf), also when
+    that token comes early in the row and a much larger logit later makes its weight underflow in fp32
+    (a running sum holding −inf would turn into 0·(−inf) = NaN)."""
+    V = 3000  # several vocabulary blocks on every backend
+    s = torch.zeros(2, V)
+    a = torch.zeros(2, V)
+    if divergence == "forward_kl":
+        s[:, 3] = -INF      # p_3 > 0, q_3 = 0
+        a[:, V - 5] = 200.0  # later: the teacher max jumps by 200 (exp(-200) underflows in fp32)
+    else:
+        a[:, 3] = -INF
+        s[:, V - 5] = 200.0
+    for row in range(2):
+        if row == 1:  # same row reversed: the impossible token comes last
+            s, a = s.flip(-1), a.flip(-1)
+        rows = contrastive_kd_loss(s, a, None, alpha=0.0, divergence=divergence, backend=backend, reduction="none")
+        assert torch.isinf(rows).all() and (rows > 0).all(), rows

@@ -77,6 +77,10 @@ def contrastive_kd_fwd_kernel(
         mh = zero
         sum_h = zero
         chk = zero            # stays 0 unless a NaN/+inf rule of SPEC §3 fires
+        # Entries in the weighting distribution's support where the other side is −inf make KL
+        # +inf whatever their rounded weight: counted here and kept out of the running sums (a −inf
+        # inside them would become 0·(−inf) = NaN once a later max makes its weight underflow).
+        infinite = zero
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
@@ -105,12 +109,16 @@ def contrastive_kd_fwd_kernel(
                 e_z = tl.exp(zt - mz_new)
                 if DIV == 0:
                     live = e_z > 0.0
+                    s_impossible = st == NEG_INF
                     acc_zz = c_z * (acc_zz - shift_z * sum_z) + tl.sum(tl.where(live, e_z * (zt - mz_new), 0.0), axis=0)
-                    acc_zs = c_z * (acc_zs - shift_s * sum_z) + tl.sum(tl.where(live, e_z * (st - ms_new), 0.0), axis=0)
+                    acc_zs = c_z * (acc_zs - shift_s * sum_z) + tl.sum(tl.where(live & ~s_impossible, e_z * (st - ms_new), 0.0), axis=0)
+                    infinite += tl.sum(tl.where((zt != NEG_INF) & s_impossible, 1.0, 0.0), axis=0)
                 if DIV == 1:
                     live_s = e_s > 0.0
+                    z_impossible = zt == NEG_INF
                     acc_ss = c_s * (acc_ss - shift_s * sum_s) + tl.sum(tl.where(live_s, e_s * (st - ms_new), 0.0), axis=0)
-                    acc_sz = c_s * (acc_sz - shift_z * sum_s) + tl.sum(tl.where(live_s, e_s * (zt - mz_new), 0.0), axis=0)
+                    acc_sz = c_s * (acc_sz - shift_z * sum_s) + tl.sum(tl.where(live_s & ~z_impossible, e_s * (zt - mz_new), 0.0), axis=0)
+                    infinite += tl.sum(tl.where((st != NEG_INF) & z_impossible, 1.0, 0.0), axis=0)
                 sum_z = sum_z * c_z + tl.sum(e_z, axis=0)
                 m_z = m_z_new
                 mz = mz_new
@@ -131,9 +139,9 @@ def contrastive_kd_fwd_kernel(
         div_aux = zero
         if SOFT:
             if DIV == 0:
-                div = (acc_zz - acc_zs) / sum_z - (log_sum_z - log_sum_s)
+                div = tl.where(infinite > 0, float("inf"), (acc_zz - acc_zs) / sum_z - (log_sum_z - log_sum_s))
             elif DIV == 1:
-                div = (acc_ss - acc_sz) / sum_s - (log_sum_s - log_sum_z)
+                div = tl.where(infinite > 0, float("inf"), (acc_ss - acc_sz) / sum_s - (log_sum_s - log_sum_z))
                 div_aux = div
             else:
                 log_1m_beta = tl.log(1.0 - jsd_beta)

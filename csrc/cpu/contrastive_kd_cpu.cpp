@@ -48,8 +48,12 @@ struct Labels {
   at::Tensor owned;  // int64 copy only when the labels are another integer type
   const int64_t* base = nullptr;
   int64_t stride_b = 0, stride_t = 0, rows_per_batch = 1;
-  explicit Labels(const std::optional<at::Tensor>& labels) {
+  Labels(const std::optional<at::Tensor>& labels, const at::Tensor& s) {
     if (!labels.has_value()) return;
+    TORCH_CHECK(!at::isFloatingType(labels->scalar_type()) && labels->scalar_type() != at::kBool,
+                "labels must be an integer tensor, got ", labels->scalar_type());
+    TORCH_CHECK(labels->dim() == 2 && labels->size(0) == s.size(0) && labels->size(1) == s.size(1),
+                "labels must be [B, T] like s's leading dims, got ", labels->sizes());
     owned = labels->scalar_type() == at::kLong ? *labels : labels->to(at::kLong);
     base = owned.data_ptr<int64_t>();
     stride_b = owned.stride(0);
@@ -103,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_cpu(
   const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
                                        hard_weight, t.has_value());
   const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t");
-  const Labels lab(labels);
+  const Labels lab(labels, s);
   if (dbl) {
     forward_rows<double>(sv, av, tv, lab, rows, vocab, ignore_index, o, loss.data_ptr<double>(),
                          stats.data_ptr<double>());
@@ -152,7 +156,7 @@ void native_kd_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& s, co
                                        hard_weight, t.has_value());
   const at::Tensor up = grad_rows.to(acc);
   const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t"), gv(grad_s, "grad_s");
-  const Labels lab(labels);
+  const Labels lab(labels, s);
   if (dbl) {
     backward_rows<double>(up.data_ptr<double>(), up.stride(0), sv, av, tv, gv, lab, rows, vocab, ignore_index, o,
                           stats.data_ptr<double>());

@@ -203,18 +203,26 @@ Acc exp_block(const Acc* x, int64_t n, Acc m, Acc* e) {
   return sum;
 }
 
-// Σ e[i]·(x[i] − mx) and Σ e[i]·(y[i] − my) over entries with e > 0 (0·log 0 = 0).
+// Σ e[i]·(x[i] − mx) and Σ e[i]·(y[i] − my) over entries with e > 0 (0·log 0 = 0), where
+// x is the distribution the divergence weights by and y the other one. Entries in x's
+// support (x > −inf) where y = −inf make KL = +inf, whatever their weight after rounding:
+// they are counted in `infinite` and kept out of the sums (an order-independent rule; a
+// −inf inside a running sum would turn into 0·(−inf) = NaN once its weight underflowed).
 template <typename Acc>
-void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int64_t n, Acc& gx, Acc& gy) {
-  Acc sx = 0, sy = 0;
-  CAAD_SIMD_SUM(sx, sy)
+void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int64_t n, Acc& gx, Acc& gy,
+                   Acc& infinite) {
+  Acc sx = 0, sy = 0, inf_count = 0;
+#pragma omp simd reduction(+ : sx, sy, inf_count)
   for (int64_t i = 0; i < n; ++i) {
     const bool live = e[i] > 0;
+    const bool y_impossible = y[i] == kNegInf<Acc>;
     sx += live ? e[i] * (x[i] - mx) : Acc(0);
-    sy += live ? e[i] * (y[i] - my) : Acc(0);
+    sy += live && !y_impossible ? e[i] * (y[i] - my) : Acc(0);
+    inf_count += x[i] != kNegInf<Acc> && y_impossible ? Acc(1) : Acc(0);
   }
   gx = sx;
   gy = sy;
+  infinite += inf_count;
 }
 
 template <typename Acc>
@@ -241,6 +249,7 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   Acc acc_zz = 0, acc_zs = 0;  // forward KL = (acc_zz − acc_zs)/sum_z − log sum_z + log sum_s
   Acc acc_ss = 0, acc_sz = 0;  // reverse KL, mirrored
   Acc chk = 0;                 // stays 0 unless a NaN/+inf rule of SPEC §3 fires
+  Acc infinite = 0;            // entries that make forward/reverse KL +inf (see weighted_gaps)
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     load_block(s, start, n, sb);
@@ -263,11 +272,11 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
       const Acc block_sum_z = exp_block(zt, n, mz.safe, ez);
       Acc gx, gy;
       if (o.divergence == kForwardKL) {
-        weighted_gaps(ez, zt, mz.safe, st, ms.safe, n, gx, gy);
+        weighted_gaps(ez, zt, mz.safe, st, ms.safe, n, gx, gy, infinite);
         acc_zz = c_z * (acc_zz - shift_z * sum_z) + gx;
         acc_zs = c_z * (acc_zs - shift_s * sum_z) + gy;
       } else if (o.divergence == kReverseKL) {
-        weighted_gaps(es, st, ms.safe, zt, mz.safe, n, gx, gy);
+        weighted_gaps(es, st, ms.safe, zt, mz.safe, n, gx, gy, infinite);
         acc_ss = c_s * (acc_ss - shift_s * sum_s) + gx;
         acc_sz = c_s * (acc_sz - shift_z * sum_s) + gy;
       }
@@ -286,10 +295,11 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   Acc div_aux = 0;
   if (o.soft) {
     Acc div;
+    const Acc inf = std::numeric_limits<Acc>::infinity();
     if (o.divergence == kForwardKL) {
-      div = (acc_zz - acc_zs) / sum_z - (log_sum_z - log_sum_s);
+      div = infinite > 0 ? inf : (acc_zz - acc_zs) / sum_z - (log_sum_z - log_sum_s);
     } else if (o.divergence == kReverseKL) {
-      div = (acc_ss - acc_sz) / sum_s - (log_sum_s - log_sum_z);
+      div = infinite > 0 ? inf : (acc_ss - acc_sz) / sum_s - (log_sum_s - log_sum_z);
       div_aux = div;
     } else {
       // Generalized JSD needs both normalisers before log m: a second pass.

@@ -12,6 +12,17 @@
 
 namespace caad {
 
+// The kernels build with -ffp-contract=off so that x·(1/τ) − max rounds exactly as the
+// stored statistics did (an implicit FMA there skews log-probabilities at |x| ~ 1e4, and
+// makes results differ between hosts). The polynomials below opt back in explicitly.
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
@@ -35,12 +46,12 @@ inline float fast_exp(float x) {
   float r = xc - fn * 0.693359375f;
   r = r + fn * 2.12194440e-4f;  // ln 2 split in two parts so r is exact
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  float y = p * (r * r) + r + 1.f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  float y = madd(p, r * r, r) + 1.f;
   int32_t n = static_cast<int32_t>(fn);
   y = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
   y = x < kLo ? 0.f : y;
@@ -59,14 +70,14 @@ inline float fast_log(float x) {
   float xm = small ? (m + m - 1.f) : (m - 1.f);
   float z = xm * xm;
   float y = 7.0376836292e-2f;
-  y = y * xm - 1.1514610310e-1f;
-  y = y * xm + 1.1676998740e-1f;
-  y = y * xm - 1.2420140846e-1f;
-  y = y * xm + 1.4249322787e-1f;
-  y = y * xm - 1.6668057665e-1f;
-  y = y * xm + 2.0000714765e-1f;
-  y = y * xm - 2.4999993993e-1f;
-  y = y * xm + 3.3333331174e-1f;
+  y = madd(y, xm, -1.1514610310e-1f);
+  y = madd(y, xm, 1.1676998740e-1f);
+  y = madd(y, xm, -1.2420140846e-1f);
+  y = madd(y, xm, 1.4249322787e-1f);
+  y = madd(y, xm, -1.6668057665e-1f);
+  y = madd(y, xm, 2.0000714765e-1f);
+  y = madd(y, xm, -2.4999993993e-1f);
+  y = madd(y, xm, 3.3333331174e-1f);
   y = y * xm * z;
   y += -2.12194440e-4f * fe;
   y += -0.5f * z;
