@@ -67,10 +67,11 @@ def markdown(rows: list[dict], meta: dict) -> str:
                   "|---|---|---|---|---|---|"]
         for r in sorted(case, key=lambda r: r["median_s"]):
             ratio = f"{r['median_s'] / best['median_s']:.2f}×" if best else "n/a"
+            tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "n/a"
+            roof = f"{r['percent_of_roofline']:.0f} %" if "percent_of_roofline" in r else "n/a"
             lines.append(
                 f"| {r['contender']}{' (ours)' if r is best else ''} | {r['median_s'] * 1e3:.1f} ms | {ratio} | "
-                f"{r.get('tokens_per_s', 0):,.0f} | {r.get('percent_of_roofline', 0):.0f} % | "
-                f"{_fmt_bytes(r.get('peak_extra_bytes'))} |")
+                f"{tokens} | {roof} | {_fmt_bytes(r.get('peak_extra_bytes'))} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -332,3 +332,18 @@ class FusedLinearContrastiveKDLoss(nn.Module):
         return _fused_linear(student_hidden, student_weight, teacher_audio_hidden, teacher_text_hidden,
                              teacher_weight, labels, student_bias, teacher_bias, self.options, self.reduction,
                              num_items_in_batch, self.backend, self.chunk_size, self.teacher_vocab_slice)
+
+
+def lm_head_parameters(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of a Hugging Face model's output head.
+
+    The hook a trainer uses to switch to the fused-linear loss: run the models with
+    ``output_hidden_states=True``, take ``hidden_states[-1]`` at the target positions, and pass
+    them with these parameters to :func:`fused_linear_contrastive_kd_loss` instead of logits.
+    Works for any model exposing ``get_output_embeddings()`` (tied embeddings included).
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not isinstance(getattr(head, "weight", None), Tensor):
+        raise ValueError(f"{type(model).__name__} has no output embedding (get_output_embeddings() returned {head!r})")
+    return head.weight, getattr(head, "bias", None)

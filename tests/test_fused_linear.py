@@ -947,3 +947,23 @@ def test_alpha0_without_text_is_fine():
     inp = _bad(ht=None)
     loss = _call(inp, alpha=0.0)
     assert torch.isfinite(loss)
+
+
+def test_lm_head_parameters_hook():
+    """The trainer hook finds a model's output head (weight and optional bias), or names the problem."""
+    from caad_kernels.fused_linear import lm_head_parameters
+
+    class Tiny(torch.nn.Module):
+        def __init__(self, bias):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(8, 11, bias=bias)
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    w, b = lm_head_parameters(Tiny(bias=False))
+    assert w.shape == (11, 8) and b is None
+    w, b = lm_head_parameters(Tiny(bias=True))
+    assert b is not None and b.shape == (11,)
+    with pytest.raises(ValueError, match="output embedding"):
+        lm_head_parameters(torch.nn.Linear(2, 2))
