@@ -1,0 +1,172 @@
+"""Stage 2: ``CAADConfig`` and ``CAADTrainer``, a ``transformers.Trainer`` that distils a student with the
+contrastive KD loss of :mod:`caad_kernels` (SPEC §8).
+
+Each step: the student runs on the audio view; the frozen teacher runs both views in one batched forward
+(:func:`caad.teacher.teacher_forward_both_views`); the three ``[N_tgt, V]`` row sets go to
+:func:`caad_kernels.contrastive_kd_loss` with the Trainer's ``num_items_in_batch`` as the divisor, so
+gradient accumulation (and DDP token averaging) gives the gradient of one big batch. ``alpha=0`` is the
+standard-KD baseline; ``soft_weight=0, hard_weight=1`` is plain fine-tuning on the Pseudo-GT.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer, TrainingArguments
+
+from caad_kernels import contrastive_kd_loss
+from caad_kernels.options import KDOptions
+
+from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CAADConfig(TrainingArguments):
+    """``TrainingArguments`` plus the CAAD loss and teacher options (SPEC §2, §8)."""
+
+    alpha: float = field(default=1.0, metadata={"help": "contrast strength; 0 = standard KD"})
+    plausibility_beta: float = field(default=0.0, metadata={"help": "adaptive plausibility β_p in [0, 1)"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature τ of the soft term"})
+    divergence: str = field(default="forward_kl", metadata={"help": "forward_kl | reverse_kl | jsd"})
+    jsd_beta: float = field(default=0.5, metadata={"help": "β of the generalized JSD (TRL convention)"})
+    soft_weight: float = field(default=1.0, metadata={"help": "weight of the contrastive KD term"})
+    hard_weight: float = field(default=0.0, metadata={"help": "weight of the CE term on the Pseudo-GT"})
+    text_only_view: str = field(default="drop", metadata={"help": "drop | silence: the teacher's text-only view"})
+    kd_backend: str = field(default="auto", metadata={"help": "auto | torch | triton | cpu | cuda"})
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "teacher checkpoint"})
+    teacher_dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16"})
+    teacher_device: str | None = field(default=None, metadata={"help": "teacher device (default: the student's)"})
+
+    def __post_init__(self) -> None:
+        # The collated batch is nested (two views): the model-signature column filter must not touch it.
+        self.remove_unused_columns = False
+        super().__post_init__()
+        self.kd_options()  # validate the loss options up front, with SPEC §3's messages
+        if self.text_only_view not in ("drop", "silence"):
+            raise ValueError(f"text_only_view must be 'drop' or 'silence', got {self.text_only_view!r}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in _DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {tuple(_DTYPES)}, got {self.teacher_dtype!r}")
+
+    def kd_options(self) -> KDOptions:
+        return KDOptions(alpha=self.alpha, plausibility_beta=self.plausibility_beta, temperature=self.temperature,
+                         divergence=self.divergence, jsd_beta=self.jsd_beta, soft_weight=self.soft_weight,
+                         hard_weight=self.hard_weight)
+
+
+class _CountingCollator:
+    """Adds the audio view's labels at the top level, so the Trainer counts target tokens
+    (``num_items_in_batch``) across gradient-accumulation steps and devices."""
+
+    def __init__(self, inner: DualViewCollator) -> None:
+        self.inner = inner
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        batch["labels"] = batch["audio_view"]["labels"]
+        return batch
+
+
+class CAADTrainer(Trainer):
+    """``Trainer`` whose loss is the contrastive KD loss against a frozen dual-path teacher.
+
+    Args:
+        model: the student (any HF audio-text model whose forward takes ``input_ids`` and audio features).
+        teacher_model: the teacher; frozen, put in eval mode, moved to ``args.teacher_device``/``teacher_dtype``.
+        args: a :class:`CAADConfig`.
+        processor: the student's processor; builds the default :class:`DualViewCollator`.
+        Other arguments as ``transformers.Trainer``.
+    """
+
+    def __init__(self, model: nn.Module, teacher_model: nn.Module, args: CAADConfig, processor: Any = None,
+                 data_collator: Any = None, **kwargs: Any) -> None:
+        if not isinstance(args, CAADConfig):
+            raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
+        if data_collator is None:
+            if processor is None:
+                raise ValueError("CAADTrainer needs a processor (or a data_collator) to build the dual views")
+            data_collator = DualViewCollator(processor, text_only_view=args.text_only_view)
+        super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
+        # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
+        self.model_accepts_loss_kwargs = True
+        self.teacher = self._prepare_teacher(teacher_model, args)
+        self._kd = args.kd_options()
+        self._metrics: dict[str, Any] = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seconds": 0.0}
+
+    @staticmethod
+    def _prepare_teacher(teacher: nn.Module, args: CAADConfig) -> nn.Module:
+        teacher.requires_grad_(False)
+        teacher.eval()
+        if args.teacher_dtype is not None:
+            teacher = teacher.to(_DTYPES[args.teacher_dtype])
+        if args.teacher_device is not None:
+            teacher = teacher.to(args.teacher_device)
+        return teacher
+
+    @staticmethod
+    def _to(obj: Any, device: torch.device) -> Any:
+        if isinstance(obj, Tensor):
+            return obj.to(device)
+        if isinstance(obj, dict):
+            return {k: CAADTrainer._to(v, device) for k, v in obj.items()}
+        return obj
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Tensor | int | None = None):
+        start = time.perf_counter()
+        audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
+        outputs = model(**audio_view)
+        student_rows, target_ids = gather_targets(outputs.logits, inputs["audio_view"]["labels"])
+
+        teacher_device = next(self.teacher.parameters()).device
+        teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
+                                 teacher_device)
+        teacher_audio, teacher_text, teacher_targets = teacher_forward_both_views(self.teacher, teacher_batch)
+        if not torch.equal(teacher_targets.to(target_ids.device), target_ids):
+            raise RuntimeError("teacher and student target tokens differ: the views are misaligned")
+        device = student_rows.device
+        teacher_audio = teacher_audio.to(device)
+        teacher_text = teacher_text.to(device) if self._kd.uses_text else None
+
+        o = self._kd
+        loss = contrastive_kd_loss(
+            student_rows, teacher_audio, teacher_text, target_ids,
+            alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
+            divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight, hard_weight=o.hard_weight,
+            num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend,
+            # A teacher with a padded head (e.g. Qwen's) is sliced to the student's vocabulary, explicitly.
+            teacher_vocab_slice=teacher_audio.shape[-1] > student_rows.shape[-1],
+        )
+        self._record(student_rows, target_ids, loss, num_items_in_batch, time.perf_counter() - start)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, student_rows: Tensor, target_ids: Tensor, loss: Tensor, num_items, seconds: float) -> None:
+        """Running KD and CE parts (per target token) and target tokens/s, for the logs."""
+        n = target_ids.numel()
+        if n == 0:
+            return
+        # Kept as device tensors: no host sync until the Trainer logs.
+        ce = torch.nn.functional.cross_entropy(student_rows.float(), target_ids, reduction="sum")
+        total = loss.detach().float() * (num_items if num_items is not None else n)
+        o = self._kd
+        kd = (total - o.hard_weight * ce) / o.soft_weight if o.soft_weight > 0 else torch.zeros_like(ce)
+        m = self._metrics
+        m["kd"] = m["kd"] + kd
+        m["ce"] = m["ce"] + ce
+        m["tokens"] += n
+        m["seconds"] += seconds
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        m = self._metrics
+        if m["tokens"] > 0 and "loss" in logs:
+            logs["kd_loss"] = round(float(m["kd"]) / m["tokens"], 6)
+            logs["ce_loss"] = round(float(m["ce"]) / m["tokens"], 6)
+            logs["target_tokens_per_s"] = round(m["tokens"] / max(m["seconds"], 1e-9), 1)
+            self._metrics = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seconds": 0.0}
+        super().log(logs, *args, **kwargs)
