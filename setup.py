@@ -72,7 +72,7 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib"],  # matplotlib: the report test
         # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets.
-        "train": ["transformers>=4.57", "accelerate>=1.0", "soundfile", "soxr", "datasets"],
+        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },
