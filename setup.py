@@ -76,6 +76,7 @@ setup(
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },
+    entry_points={"console_scripts": ["caad=caad.cli:main"]},
     ext_modules=ext_modules,
     cmdclass={"build_py": BuildPyWithSources, **ext_cmdclass},
     license="Apache-2.0",
