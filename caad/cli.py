@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -148,7 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if opts["learning_rate"]:
         args_kw["learning_rate"] = opts["learning_rate"]
     train_args = CAADConfig(**args_kw)
-    student, teacher, processor = _load_model(opts["student"]), _load_model(opts["teacher"]), _processor(opts["student"])
+    student, teacher = _load_model(opts["student"]), _load_model(opts["teacher"])
+    processor = _processor(opts["student"])
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
                           train_dataset=examples)
     trainer.train()
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=None, help="teacher checkpoint for --mode teacher")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--skip-bad", action="store_true", default=None, help="skip bad records (counted) instead of failing")
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip bad records (counted) instead of failing")
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_pseudo_gt)
 
