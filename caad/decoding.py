@@ -123,7 +123,9 @@ def build_generation_inputs(
         if not isinstance(instruction, str):
             raise TypeError(f"example {i}: 'instruction' must be a str, got {type(instruction)}")
         # The target text is irrelevant here; "x" only keeps build_prompts' prefix check meaningful.
-        prompt, _ = build_prompts(tokenizer, instruction, "x", with_audio=with_audio, use_chat_template=use_chat_template)
+        prompt, _ = build_prompts(
+            tokenizer, instruction, "x", with_audio=with_audio, use_chat_template=use_chat_template
+        )
         prompts.append(prompt)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -166,7 +168,9 @@ class AudioContrastiveLogitsProcessor:
     next-token scores ``a``; this object runs the text-only path on its own prompt plus the tokens generated so far,
     incrementally with its own KV cache, and returns ``contrasted_logits(a, t, alpha, plausibility_beta)``.
 
-    Put it **first** in the processor list: the plausibility mask is defined on the raw audio-path logits.
+    The plausibility mask is defined on the raw audio-path logits, so keep the generation config free of other
+    score-changing processors (``generate`` applies its config-derived ones, e.g. ``min_new_tokens`` or
+    ``repetition_penalty``, *before* user-supplied ones; an eos forced to −inf there is then −inf here too).
     Use one instance per ``generate`` call (it keeps the text path's cache); :meth:`reset` makes it reusable.
     Greedy and sampling both work; beam search does not (beams reorder the batch, which the text cache would not
     follow).
