@@ -94,19 +94,18 @@ class CAADTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
-        self.teacher = self._prepare_teacher(teacher_model, args)
+        self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
         self._kd = args.kd_options()
         self._metrics: dict[str, Any] = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seconds": 0.0}
 
     @staticmethod
-    def _prepare_teacher(teacher: nn.Module, args: CAADConfig) -> nn.Module:
+    def _prepare_teacher(teacher: nn.Module, args: CAADConfig, default_device: torch.device) -> nn.Module:
         teacher.requires_grad_(False)
         teacher.eval()
         if args.teacher_dtype is not None:
             teacher = teacher.to(_DTYPES[args.teacher_dtype])
-        if args.teacher_device is not None:
-            teacher = teacher.to(args.teacher_device)
-        return teacher
+        # By default the teacher sits beside the student (each DDP rank's own device); it is not wrapped in DDP.
+        return teacher.to(args.teacher_device if args.teacher_device is not None else default_device)
 
     @staticmethod
     def _to(obj: Any, device: torch.device) -> Any:
