@@ -42,6 +42,7 @@ __all__ = [
     "build_prompts",
     "gather_targets",
     "teacher_forward_both_views",
+    "teacher_hidden_both_views",
 ]
 
 #: The audio placeholder put in the user turn; the processor expands ``<|AUDIO|>`` into one token per audio frame.
@@ -400,6 +401,49 @@ def _supports_head_on_targets(model: Any) -> bool:
     return isinstance(model, Qwen2AudioForConditionalGeneration)
 
 
+def _stacked_inputs(model: Any, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor, int]:
+    """Both views stacked into one model input (audio rows first), their labels, and B."""
+    audio_view, text_view = batch["audio_view"], batch["text_view"]
+    a_labels, t_labels = audio_view["labels"], text_view["labels"]
+    n = a_labels.shape[0]
+    if t_labels.shape[0] != n:
+        raise ValueError(f"audio_view has {n} rows but text_view has {t_labels.shape[0]}")
+    inputs = _concat_views(audio_view, text_view, _default_pad_id(model))
+    length = inputs["input_ids"].shape[1]
+    device = getattr(model, "device", None)
+    if device is not None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    labels = torch.cat([_pad_seq(a_labels, length, IGNORE_INDEX), _pad_seq(t_labels, length, IGNORE_INDEX)])
+
+    return inputs, labels, n
+
+
+def _check_same_targets(a_ids: Tensor, t_ids: Tensor) -> None:
+    if not torch.equal(a_ids, t_ids):
+        raise ValueError(
+            "the audio view and the text-only view do not have the same target tokens "
+            f"({a_ids.numel()} vs {t_ids.numel()} tokens); build the batch with DualViewCollator"
+        )
+
+
+@torch.no_grad()
+def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+    """Like :func:`teacher_forward_both_views`, but returns the teacher's final hidden states at the target
+    positions instead of logits, for the fused-linear loss (no ``[N, V]`` teacher logits at all).
+
+    Returns:
+        ``(audio_hidden [N_tgt, H], text_hidden [N_tgt, H], target_ids [N_tgt])``; the head is ``model.lm_head``.
+    """
+    if not _supports_head_on_targets(model):
+        raise ValueError(f"{type(model).__name__} does not expose .model and .lm_head: the fused-linear path needs them")
+    inputs, labels, n = _stacked_inputs(model, batch)
+    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
+    a_rows, a_ids = gather_targets(hidden[:n], labels[:n])
+    t_rows, t_ids = gather_targets(hidden[n:], labels[n:])
+    _check_same_targets(a_ids, t_ids)
+    return a_rows, t_rows, a_ids
+
+
 @torch.no_grad()
 def teacher_forward_both_views(
     model: Any, batch: Mapping[str, Any], *, head_on_targets_only: bool | None = None
@@ -422,17 +466,7 @@ def teacher_forward_both_views(
         ``(teacher_audio_logits [N_tgt, V], teacher_text_logits [N_tgt, V], target_ids [N_tgt] int64)``, the logits in
         the model's dtype; rows in the same order as ``gather_targets(student_logits, batch["audio_view"]["labels"])``.
     """
-    audio_view, text_view = batch["audio_view"], batch["text_view"]
-    a_labels, t_labels = audio_view["labels"], text_view["labels"]
-    n = a_labels.shape[0]
-    if t_labels.shape[0] != n:
-        raise ValueError(f"audio_view has {n} rows but text_view has {t_labels.shape[0]}")
-    inputs = _concat_views(audio_view, text_view, _default_pad_id(model))
-    length = inputs["input_ids"].shape[1]
-    device = getattr(model, "device", None)
-    if device is not None:
-        inputs = {k: v.to(device) for k, v in inputs.items()}
-    labels = torch.cat([_pad_seq(a_labels, length, IGNORE_INDEX), _pad_seq(t_labels, length, IGNORE_INDEX)])
+    inputs, labels, n = _stacked_inputs(model, batch)
 
     if head_on_targets_only is None:
         head_on_targets_only = _supports_head_on_targets(model)
@@ -446,9 +480,5 @@ def teacher_forward_both_views(
         logits = model(**inputs, use_cache=False).logits  # [2B, L, V]
         a_logits, a_ids = gather_targets(logits[:n], labels[:n])
         t_logits, t_ids = gather_targets(logits[n:], labels[n:])
-    if not torch.equal(a_ids, t_ids):
-        raise ValueError(
-            "the audio view and the text-only view do not have the same target tokens "
-            f"({a_ids.numel()} vs {t_ids.numel()} tokens); build the batch with DualViewCollator"
-        )
+    _check_same_targets(a_ids, t_ids)
     return a_logits, t_logits, a_ids

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainingArguments
 
-from caad_kernels import contrastive_kd_loss
+from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
+from caad_kernels.fused_linear import lm_head_parameters
 from caad_kernels.options import KDOptions
 
-from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views
+from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views, teacher_hidden_both_views
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,6 +43,9 @@ class CAADConfig(TrainingArguments):
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "teacher checkpoint"})
     teacher_dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16"})
     teacher_device: str | None = field(default=None, metadata={"help": "teacher device (default: the student's)"})
+    fused_linear: bool = field(default=False, metadata={
+        "help": "take final hidden states and LM heads instead of logits (caad_kernels.fused_linear): no [N, V] "
+                "logits from the student or the teacher"})
 
     def __post_init__(self) -> None:
         # The collated batch is nested (two views): the model-signature column filter must not touch it.
@@ -119,30 +123,59 @@ class CAADTrainer(Trainer):
                      num_items_in_batch: Tensor | int | None = None):
         start = time.perf_counter()
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
-        outputs = model(**audio_view)
-        student_rows, target_ids = gather_targets(outputs.logits, inputs["audio_view"]["labels"])
-
+        labels = inputs["audio_view"]["labels"]
         teacher_device = next(self.teacher.parameters()).device
         teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
                                  teacher_device)
-        teacher_audio, teacher_text, teacher_targets = teacher_forward_both_views(self.teacher, teacher_batch)
-        if not torch.equal(teacher_targets.to(target_ids.device), target_ids):
-            raise RuntimeError("teacher and student target tokens differ: the views are misaligned")
-        device = student_rows.device
-        teacher_audio = teacher_audio.to(device)
-        teacher_text = teacher_text.to(device) if self._kd.uses_text else None
-
         o = self._kd
-        loss = contrastive_kd_loss(
-            student_rows, teacher_audio, teacher_text, target_ids,
-            alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
-            divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight, hard_weight=o.hard_weight,
-            num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend,
-            # A teacher with a padded head (e.g. Qwen's) is sliced to the student's vocabulary, explicitly.
-            teacher_vocab_slice=teacher_audio.shape[-1] > student_rows.shape[-1],
-        )
+        options = dict(alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
+                       divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight,
+                       hard_weight=o.hard_weight, num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
+        if self.args.fused_linear:
+            loss, outputs, student_rows, target_ids = self._fused_linear_loss(model, audio_view, labels,
+                                                                             teacher_batch, options)
+        else:
+            outputs = model(**audio_view)
+            student_rows, target_ids = gather_targets(outputs.logits, labels)
+            teacher_audio, teacher_text, teacher_targets = teacher_forward_both_views(self.teacher, teacher_batch)
+            self._check_targets(teacher_targets, target_ids)
+            device = student_rows.device
+            loss = contrastive_kd_loss(
+                student_rows, teacher_audio.to(device), teacher_text.to(device) if o.uses_text else None,
+                target_ids, **options,
+                # A teacher with a padded head (e.g. Qwen's) is sliced to the student's vocabulary, explicitly.
+                teacher_vocab_slice=teacher_audio.shape[-1] > student_rows.shape[-1],
+            )
         self._record(student_rows, target_ids, loss, num_items_in_batch, time.perf_counter() - start)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _check_targets(teacher_targets: Tensor, target_ids: Tensor) -> None:
+        if not torch.equal(teacher_targets.to(target_ids.device), target_ids):
+            raise RuntimeError("teacher and student target tokens differ: the views are misaligned")
+
+    def _fused_linear_loss(self, model, audio_view, labels, teacher_batch, options):
+        """The loss from final hidden states and LM heads: logits exist one chunk of tokens at a time."""
+        base = getattr(model, "model", None)
+        if base is None:
+            raise ValueError(f"fused_linear=True needs a model with .model and an output head; "
+                             f"{type(model).__name__} has no .model")
+        outputs = base(**audio_view, use_cache=False)
+        student_hidden, target_ids = gather_targets(outputs.last_hidden_state, labels)
+        teacher_audio, teacher_text, teacher_targets = teacher_hidden_both_views(self.teacher, teacher_batch)
+        self._check_targets(teacher_targets, target_ids)
+        student_weight, student_bias = lm_head_parameters(model)
+        teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        device = student_hidden.device
+        loss = fused_linear_contrastive_kd_loss(
+            student_hidden, student_weight, teacher_audio.to(device),
+            teacher_text.to(device) if self._kd.uses_text else None, teacher_weight.to(device), target_ids,
+            student_bias=student_bias, teacher_bias=teacher_bias.to(device) if teacher_bias is not None else None,
+            teacher_vocab_slice=teacher_weight.shape[0] > student_weight.shape[0], **options)
+        # Logged CE needs the student's target logits: tokens × V for the rows only, without gradient.
+        with torch.no_grad():
+            student_rows = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
+        return loss, outputs, student_rows, target_ids
 
     @torch.no_grad()
     def _record(self, student_rows: Tensor, target_ids: Tensor, loss: Tensor, num_items, seconds: float) -> None:

@@ -134,3 +134,24 @@ def test_collator_default_needs_a_processor(setup, tmp_path):
         CAADTrainer(model=tiny_qwen2_audio(tokenizer, hidden=32, layers=1), teacher_model=tiny_qwen2_audio(tokenizer),
                     args=_args(tmp_path))
     assert isinstance(DualViewCollator, type)
+
+
+def test_fused_linear_equals_the_logits_path(setup, tmp_path):
+    """CAADConfig(fused_linear=True): hidden states + heads give the loss and gradients of the logits path."""
+    tokenizer, processor, examples = setup
+    results = []
+    for fused in (False, True):
+        student = tiny_qwen2_audio(tokenizer, hidden=32, layers=1, seed=1)
+        teacher = tiny_qwen2_audio(tokenizer, hidden=64, layers=2, seed=7)
+        trainer = CAADTrainer(model=student, teacher_model=teacher,
+                              args=_args(tmp_path, fused_linear=fused, plausibility_beta=0.05, hard_weight=0.3,
+                                         temperature=2.0), processor=processor)
+        batch = trainer.data_collator(examples[:3])
+        loss = trainer.compute_loss(student, batch, num_items_in_batch=7)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
