@@ -435,7 +435,8 @@ def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
         ``(audio_hidden [N_tgt, H], text_hidden [N_tgt, H], target_ids [N_tgt])``; the head is ``model.lm_head``.
     """
     if not _supports_head_on_targets(model):
-        raise ValueError(f"{type(model).__name__} does not expose .model and .lm_head: the fused-linear path needs them")
+        raise ValueError(
+            f"{type(model).__name__} does not expose .model and .lm_head: the fused-linear path needs them")
     inputs, labels, n = _stacked_inputs(model, batch)
     hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
     a_rows, a_ids = gather_targets(hidden[:n], labels[:n])
