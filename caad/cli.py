@@ -73,10 +73,18 @@ def _processor(path: str):
     return AutoProcessor.from_pretrained(path)
 
 
-def _records(path: str, skip_bad: bool) -> list:
+def _audio_window_seconds(processor: Any) -> float | None:
+    """The longest audio the model's feature extractor takes (Whisper: chunk_length seconds)."""
+    extractor = getattr(processor, "feature_extractor", None)
+    chunk = getattr(extractor, "chunk_length", None)
+    return float(chunk) if chunk else None
+
+
+def _records(path: str, skip_bad: bool, processor: Any = None) -> list:
     from .data import load_records
 
-    records, skipped = load_records(path, skip_bad=skip_bad)
+    # Audio longer than the model's window is a bad record (named, or skipped with --skip-bad), not a silent cut.
+    records, skipped = load_records(path, skip_bad=skip_bad, max_audio_seconds=_audio_window_seconds(processor))
     if skipped:
         print(f"caad: skipped {skipped} bad record(s) of {path}", file=sys.stderr)
     return records
@@ -133,10 +141,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .pseudo_gt import render_template
     from .trainer import CAADConfig, CAADTrainer
 
+    processor = _processor(opts["student"])
     # Records without a Stage-1 target get one rendered from their label/metadata (--template).
     examples = [{"audio": r.audio, "instruction": r.instruction,
                  "pseudo_gt": r.pseudo_gt if r.pseudo_gt is not None else render_template(r, opts["template"])}
-                for r in _records(opts["data"], opts["skip_bad"])]
+                for r in _records(opts["data"], opts["skip_bad"], processor)]
     output_dir = opts["output_dir"] or "outputs/caad-train"
     args_kw: dict[str, Any] = {"output_dir": output_dir, "report_to": [], "save_strategy": "no",
                                "text_only_view": opts["text_only_view"], "kd_backend": opts["kd_backend"], **loss}
@@ -148,7 +157,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         args_kw["learning_rate"] = opts["learning_rate"]
     train_args = CAADConfig(**args_kw)
     student, teacher = _load_model(opts["student"]), _load_model(opts["teacher"])
-    processor = _processor(opts["student"])
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
                           train_dataset=examples)
     trainer.train()
@@ -167,8 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           "plausibility_beta": 0.1, "max_new_tokens": 4, "output": None, "skip_bad": False})
     if not opts["data"] or not (opts["student"] or opts["teacher"]):
         raise SystemExit("caad eval: --data and at least one of --student/--teacher are required")
-    records = _as_dicts(_records(opts["data"], opts["skip_bad"]))
     processor = _processor(opts["student"] or opts["teacher"])
+    records = _as_dicts(_records(opts["data"], opts["skip_bad"], processor))
     models = {}
     if opts["student"]:
         models["student"] = _load_model(opts["student"])

@@ -95,3 +95,21 @@ def test_help_and_argument_errors(capsys):
     with pytest.raises(SystemExit, match="--data and --out"):
         main(["pseudo-gt"])
     assert torch.get_num_threads() >= 1
+
+
+def test_audio_longer_than_the_model_window_is_a_named_error(demo, tmp_path):
+    """`caad train` refuses a clip longer than the processor's window (or skips it with --skip-bad)."""
+    import numpy as np
+    import soundfile as sf
+
+    out, _, _ = demo
+    run = out / "run"
+    teacher = next((out / "cache").glob("teacher-*"))
+    wav = tmp_path / "long.wav"
+    sf.write(wav, np.zeros(16000 * 5, dtype=np.float32), 16000)  # 5 s > the tiny processor's 2 s window
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"id": "too-long", "audio": str(wav), "instruction": "How many beeps?",
+                                "label": "one"}) + "\n")
+    with pytest.raises(ValueError, match="too-long"):
+        main(["train", "--teacher", str(teacher), "--student", str(run / "student"), "--data", str(data),
+              "--output-dir", str(tmp_path / "o")])
