@@ -23,6 +23,7 @@ inline double vexp(double x) { return std::exp(x); }
 inline float vlog(float x) { return fast_log(x); }
 inline double vlog(double x) { return std::log(x); }
 
+// log(exp x + exp y); -inf when both are -inf.
 template <typename Acc>
 inline Acc log_add_exp_t(Acc x, Acc y) {
   Acc mx = x > y ? x : y;

@@ -90,14 +90,6 @@ inline float fast_log(float x) {
   return r;
 }
 
-// log(exp x + exp y); -inf when both are -inf.
-inline float log_add_exp(float x, float y) {
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float mx = x > y ? x : y;
-  float mx_safe = mx == kNegInf ? 0.f : mx;
-  return mx_safe + fast_log(fast_exp(x - mx_safe) + fast_exp(y - mx_safe));
-}
-
 inline float bf16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
 // Round to nearest even; NaN stays a (quiet) NaN.
