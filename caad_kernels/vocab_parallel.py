@@ -33,13 +33,13 @@ def _all_reduce(x: Tensor, op, group) -> Tensor:
     return x
 
 
-def _vocab_offset(local_vocab: int, device: torch.device, group) -> int:
-    """First global column of this rank's slice (slices may be uneven)."""
+def _vocab_offset(local_vocab: int, device: torch.device, group) -> Tensor:
+    """First global column of this rank's slice (slices may be uneven), as a 0-dim device tensor (no host sync)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     sizes = torch.zeros(world, dtype=torch.int64, device=device)
     sizes[rank] = local_vocab
     _all_reduce(sizes, dist.ReduceOp.SUM, group)
-    return int(sizes[:rank].sum().item())
+    return sizes[:rank].sum()
 
 
 def _masked_where(cond: Tensor, x: Tensor) -> Tensor:
@@ -54,7 +54,7 @@ class _VocabParallelKD(torch.autograd.Function):
         dt = torch.float64 if s.dtype == torch.float64 else torch.float32
         in_dtype = s.dtype
         s = s.to(dt)
-        offset = _vocab_offset(v_local, device, group)
+        offset = None  # only the hard term needs to know where this slice starts
         valid = labels != opts.ignore_index if labels is not None else torch.ones(n, dtype=torch.bool, device=device)
         neg_inf = torch.tensor(-math.inf, dtype=dt, device=device)
         tau = opts.temperature
@@ -93,6 +93,7 @@ class _VocabParallelKD(torch.autograd.Function):
             m_h = maxima[:, -1:] if tau != 1.0 else m_s * tau
             if tau != 1.0:
                 sums.append(torch.exp(s - m_h).sum(1))
+            offset = _vocab_offset(v_local, device, group)
             y = labels.long() - offset
             mine = (y >= 0) & (y < v_local) & valid
             s_y = s.gather(1, y.clamp(0, v_local - 1).unsqueeze(1)).squeeze(1)
