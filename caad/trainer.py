@@ -100,7 +100,11 @@ class CAADTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
         self._kd = args.kd_options()
-        self._metrics: dict[str, Any] = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seconds": 0.0}
+        self._metrics = self._empty_metrics()
+
+    @staticmethod
+    def _empty_metrics() -> dict[str, Any]:
+        return {"kd": 0.0, "ce": 0.0, "part_tokens": 0, "tokens": 0, "seconds": 0.0}
 
     @staticmethod
     def _prepare_teacher(teacher: nn.Module, args: CAADConfig, default_device: torch.device) -> nn.Module:
@@ -131,14 +135,15 @@ class CAADTrainer(Trainer):
         options = dict(alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
                        divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight,
                        hard_weight=o.hard_weight, num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
+        # Student and teacher target rows both come from the same labels (the collator makes the two views'
+        # targets identical and teacher_forward_both_views checks them), so they are aligned by construction.
         if self.args.fused_linear:
-            loss, outputs, student_rows, target_ids = self._fused_linear_loss(model, audio_view, labels,
-                                                                             teacher_batch, options)
+            loss, outputs, target_ids, ce_sum = self._fused_linear_loss(model, audio_view, labels, teacher_batch,
+                                                                        options)
         else:
             outputs = model(**audio_view)
             student_rows, target_ids = gather_targets(outputs.logits, labels)
-            teacher_audio, teacher_text, teacher_targets = teacher_forward_both_views(self.teacher, teacher_batch)
-            self._check_targets(teacher_targets, target_ids)
+            teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch)
             device = student_rows.device
             loss = contrastive_kd_loss(
                 student_rows, teacher_audio.to(device), teacher_text.to(device) if o.uses_text else None,
@@ -146,13 +151,14 @@ class CAADTrainer(Trainer):
                 # A teacher with a padded head (e.g. Qwen's) is sliced to the student's vocabulary, explicitly.
                 teacher_vocab_slice=teacher_audio.shape[-1] > student_rows.shape[-1],
             )
-        self._record(student_rows, target_ids, loss, num_items_in_batch, time.perf_counter() - start)
-        return (loss, outputs) if return_outputs else loss
+            rows = student_rows.detach()
 
-    @staticmethod
-    def _check_targets(teacher_targets: Tensor, target_ids: Tensor) -> None:
-        if not torch.equal(teacher_targets.to(target_ids.device), target_ids):
-            raise RuntimeError("teacher and student target tokens differ: the views are misaligned")
+            def ce_sum() -> Tensor:  # the hard term alone, through the same memory-lean kernels
+                return contrastive_kd_loss(rows, rows, None, target_ids, alpha=0.0, soft_weight=0.0,
+                                           hard_weight=1.0, reduction="sum", backend=self.args.kd_backend)
+
+        self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start, ce_sum)
+        return (loss, outputs) if return_outputs else loss
 
     def _fused_linear_loss(self, model, audio_view, labels, teacher_batch, options):
         """The loss from final hidden states and LM heads: logits exist one chunk of tokens at a time."""
@@ -162,8 +168,7 @@ class CAADTrainer(Trainer):
                              f"{type(model).__name__} has no .model")
         outputs = base(**audio_view, use_cache=False)
         student_hidden, target_ids = gather_targets(outputs.last_hidden_state, labels)
-        teacher_audio, teacher_text, teacher_targets = teacher_hidden_both_views(self.teacher, teacher_batch)
-        self._check_targets(teacher_targets, target_ids)
+        teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch)
         student_weight, student_bias = lm_head_parameters(model)
         teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
         device = student_hidden.device
@@ -172,33 +177,51 @@ class CAADTrainer(Trainer):
             teacher_text.to(device) if self._kd.uses_text else None, teacher_weight.to(device), target_ids,
             student_bias=student_bias, teacher_bias=teacher_bias.to(device) if teacher_bias is not None else None,
             teacher_vocab_slice=teacher_weight.shape[0] > student_weight.shape[0], **options)
-        # Logged CE needs the student's target logits: tokens × V for the rows only, without gradient.
-        with torch.no_grad():
-            student_rows = torch.nn.functional.linear(student_hidden, student_weight, student_bias)
-        return loss, outputs, student_rows, target_ids
+        h, w = student_hidden.detach(), student_weight.detach()
+        b = student_bias.detach() if student_bias is not None else None
+
+        def ce_sum() -> Tensor:  # the hard term alone, chunked too: no [N, V] student logits for the logs either
+            return fused_linear_contrastive_kd_loss(h, w, h, None, w, target_ids, student_bias=b, alpha=0.0,
+                                                    soft_weight=0.0, hard_weight=1.0, reduction="sum",
+                                                    backend=self.args.kd_backend)
+
+        return loss, outputs, target_ids, ce_sum
+
+    def _parts_due(self) -> bool:
+        """Whether this micro-step's optimizer step will be logged: the KD/CE split costs an extra pass over the
+        target rows, so it is computed only for the steps whose logs report it."""
+        if self.args.logging_strategy != "steps":
+            return True
+        every = self.state.logging_steps or self.args.logging_steps
+        next_step = self.state.global_step + 1
+        return (self.args.logging_first_step and next_step == 1) or next_step % max(int(every), 1) == 0
 
     @torch.no_grad()
-    def _record(self, student_rows: Tensor, target_ids: Tensor, loss: Tensor, num_items, seconds: float) -> None:
-        """Running KD and CE parts (per target token) and target tokens/s, for the logs."""
+    def _record(self, target_ids: Tensor, loss: Tensor, num_items, seconds: float, ce_sum) -> None:
+        """Running KD and CE parts (per target token, on logged steps) and target tokens/s, for the logs."""
         n = target_ids.numel()
         if n == 0:
             return
+        m = self._metrics
+        m["tokens"] += n
+        m["seconds"] += seconds
+        if not self._parts_due():
+            return
         # Kept as device tensors: no host sync until the Trainer logs.
-        ce = torch.nn.functional.cross_entropy(student_rows.float(), target_ids, reduction="sum")
+        ce = ce_sum()
         total = loss.detach().float() * (num_items if num_items is not None else n)
         o = self._kd
         kd = (total - o.hard_weight * ce) / o.soft_weight if o.soft_weight > 0 else torch.zeros_like(ce)
-        m = self._metrics
         m["kd"] = m["kd"] + kd
         m["ce"] = m["ce"] + ce
-        m["tokens"] += n
-        m["seconds"] += seconds
+        m["part_tokens"] += n
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         m = self._metrics
         if m["tokens"] > 0 and "loss" in logs:
-            logs["kd_loss"] = round(float(m["kd"]) / m["tokens"], 6)
-            logs["ce_loss"] = round(float(m["ce"]) / m["tokens"], 6)
+            if m["part_tokens"] > 0:
+                logs["kd_loss"] = round(float(m["kd"]) / m["part_tokens"], 6)
+                logs["ce_loss"] = round(float(m["ce"]) / m["part_tokens"], 6)
             logs["target_tokens_per_s"] = round(m["tokens"] / max(m["seconds"], 1e-9), 1)
-            self._metrics = {"kd": 0.0, "ce": 0.0, "tokens": 0, "seconds": 0.0}
+            self._metrics = self._empty_metrics()
         super().log(logs, *args, **kwargs)

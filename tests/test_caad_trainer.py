@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from caad.synthetic import beep_records  # noqa: E402
-from caad.teacher import DualViewCollator, gather_targets  # noqa: E402
+from caad.teacher import gather_targets  # noqa: E402
 from caad.tiny_models import build_processor, build_tokenizer, tiny_qwen2_audio  # noqa: E402
 from caad.trainer import CAADConfig, CAADTrainer  # noqa: E402
 
@@ -64,8 +64,9 @@ def test_teacher_is_frozen_and_in_eval_mode(setup, tmp_path):
         assert torch.equal(p, q)  # untouched by the optimizer
 
 
-def test_logs_kd_and_ce_parts_and_tokens_per_second(setup, tmp_path):
-    _, _, trainer = _train(setup, tmp_path, hard_weight=0.5)
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_logs_kd_and_ce_parts_and_tokens_per_second(setup, tmp_path, fused_linear):
+    _, _, trainer = _train(setup, tmp_path, hard_weight=0.5, fused_linear=fused_linear)
     logged = [h for h in trainer.state.log_history if "kd_loss" in h]
     assert logged, trainer.state.log_history
     entry = logged[0]
@@ -133,7 +134,6 @@ def test_collator_default_needs_a_processor(setup, tmp_path):
     with pytest.raises(ValueError, match="processor"):
         CAADTrainer(model=tiny_qwen2_audio(tokenizer, hidden=32, layers=1), teacher_model=tiny_qwen2_audio(tokenizer),
                     args=_args(tmp_path))
-    assert isinstance(DualViewCollator, type)
 
 
 def test_fused_linear_equals_the_logits_path(setup, tmp_path):
@@ -155,3 +155,14 @@ def test_fused_linear_equals_the_logits_path(setup, tmp_path):
     assert len(g0) == len(g1) > 0
     for a, b in zip(g0, g1, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_kd_ce_split_is_computed_only_for_logged_steps(setup, tmp_path):
+    """The split costs an extra pass over the target rows: with logging every 2 steps, step 1 skips it."""
+    _, _, trainer = _train(setup, tmp_path, max_steps=2, logging_steps=2, per_device_train_batch_size=2)
+    logged = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(logged) == 1 and "kd_loss" in logged[0]
+    trainer.state.global_step = 0  # the next optimizer step (1) is not logged
+    assert not trainer._parts_due()
+    trainer.state.global_step = 1
+    assert trainer._parts_due()
