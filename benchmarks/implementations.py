@@ -29,7 +29,7 @@ class Contender:
     materialises: bool = False  # eager-cost (several [N, V] fp32 passes): skipped where that cannot fit or finish
 
 
-def _ours(backend: str) -> Callable[[torch.device], LossFn | str]:
+def _ours(backend: str, grad_in_forward: bool = False) -> Callable[[torch.device], LossFn | str]:
     def make(device: torch.device) -> LossFn | str:
         if backend not in available_backends(device):
             return f"backend {backend!r} unavailable on {device.type}"
@@ -37,7 +37,8 @@ def _ours(backend: str) -> Callable[[torch.device], LossFn | str]:
             return "the Triton interpreter is a test vehicle, not a CPU backend"
 
         def fn(s, a, t, labels):
-            return contrastive_kd_loss(s, a, t, labels, alpha=ALPHA, backend=backend)
+            return contrastive_kd_loss(s, a, t, labels, alpha=ALPHA, backend=backend,
+                                       grad_in_forward=grad_in_forward)
 
         return fn
 
@@ -109,6 +110,8 @@ def _torchtune(device: torch.device) -> LossFn | str:
 
 CONTENDERS = [
     Contender("caad-cuda", "ours", _ours("cuda")),
+    # grad_in_forward: on sm_90 one cluster kernel, each input read once (8 B/entry in bf16).
+    Contender("caad-cuda-gif", "ours", _ours("cuda", grad_in_forward=True)),
     Contender("caad-triton", "ours", _ours("triton")),
     Contender("caad-cpu", "ours", _ours("cpu")),
     # The chunked reference is memory-lean but as slow as eager: timed only where eager is.

@@ -93,6 +93,32 @@ def _check_num_items(num_items_in_batch: object, reduction: str) -> int | Tensor
     return num_items_in_batch
 
 
+def _check_grad_in_forward(grad_in_forward: object, reduction: str, inplace_backward: bool) -> None:
+    if not isinstance(grad_in_forward, bool):
+        raise TypeError(f"grad_in_forward must be a bool, got {type(grad_in_forward).__name__}")
+    if not grad_in_forward:
+        return
+    if reduction == "none":
+        raise ValueError("grad_in_forward=True needs a scalar loss (reduction='mean' or 'sum'): with "
+                         "reduction='none' the per-row upstream gradients are only known in the backward")
+    if inplace_backward:
+        raise ValueError("grad_in_forward=True cannot be combined with inplace_backward=True: the gradient "
+                         "would overwrite student_logits during the forward, before anything else reads them")
+
+
+def _divisor(s: Tensor, labels: Tensor | None, opts: KDOptions, reduction: str,
+             num_items_in_batch: int | Tensor | None, used: list[Tensor]) -> Tensor:
+    """The reduction's divisor as a 0-dim tensor of the loss dtype on s's device (device ops, no host sync)."""
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in used) else torch.float32
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=s.device)
+    if num_items_in_batch is not None:
+        return torch.as_tensor(num_items_in_batch, device=s.device).to(dtype)
+    if labels is None:
+        return torch.full((), max(s.numel() // s.shape[-1], 1), dtype=dtype, device=s.device)
+    return (labels != opts.ignore_index).sum().clamp_min(1).to(dtype)
+
+
 def _contrastive_kd(
     student_logits: Tensor,
     teacher_audio_logits: Tensor,
@@ -104,6 +130,7 @@ def _contrastive_kd(
     backend: str,
     inplace_backward: bool,
     teacher_vocab_slice: bool,
+    grad_in_forward: bool = False,
 ) -> Tensor:
     s = _check_logits("student_logits", student_logits)
     a = _check_teacher("teacher_audio_logits", teacher_audio_logits, s, teacher_vocab_slice)
@@ -122,9 +149,18 @@ def _contrastive_kd(
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    _check_grad_in_forward(grad_in_forward, reduction, inplace_backward)
     used = [s] + ([a] if opts.uses_teacher else []) + ([t] if t is not None else [])
     name = resolve_backend(backend, s.device, float64=any(x.dtype == torch.float64 for x in used))
 
+    if grad_in_forward and torch.is_grad_enabled() and s.requires_grad:
+        divisor = _divisor(s, labels, opts, reduction, num_items_in_batch, used)
+        loss, _ = torch.ops.caad.contrastive_kd_fwd_grad(
+            s, a, t, labels, divisor,
+            opts.alpha, opts.plausibility_beta, opts.temperature, opts.divergence, opts.jsd_beta,
+            opts.soft_weight, opts.hard_weight, opts.ignore_index, name,
+        )
+        return loss
     rows, _ = torch.ops.caad.contrastive_kd_fwd(
         s, a, t, labels,
         opts.alpha, opts.plausibility_beta, opts.temperature, opts.divergence, opts.jsd_beta,
@@ -153,6 +189,7 @@ def contrastive_kd_loss(
     backend: str = "auto",
     inplace_backward: bool = False,
     teacher_vocab_slice: bool = False,
+    grad_in_forward: bool = False,
 ) -> Tensor:
     """Contrastive audio-aware KD loss of a student against a dual-path teacher (SPEC §2).
 
@@ -178,6 +215,12 @@ def contrastive_kd_loss(
             ``CAAD_BACKEND`` overrides ``"auto"``.
         inplace_backward: write the gradient into ``student_logits``' storage (destroys it).
         teacher_vocab_slice: keep the first ``V`` columns of a larger teacher vocabulary.
+        grad_in_forward: when autograd will need the student's gradient, compute it during the forward
+            (``reduction`` ``"mean"`` or ``"sum"``); the backward only scales it by the upstream scalar, in
+            place and only when that scalar is not exactly 1. Lets one kernel read the logits once for both
+            (the ``cuda`` backend's sm_90 cluster kernel); costs holding ``grad_s`` (``[N, V]``, ``s.dtype``)
+            from the forward to the backward. Not combinable with ``inplace_backward``; a second backward
+            through the same graph after a non-1 upstream raises.
 
     Returns:
         fp32 loss: a scalar, or ``[N]`` for ``reduction="none"`` (float64 for float64 inputs).
@@ -186,7 +229,7 @@ def contrastive_kd_loss(
                      divergence=divergence, jsd_beta=jsd_beta, soft_weight=soft_weight, hard_weight=hard_weight,
                      ignore_index=ignore_index)
     return _contrastive_kd(student_logits, teacher_audio_logits, teacher_text_logits, labels, opts, reduction,
-                           num_items_in_batch, backend, inplace_backward, teacher_vocab_slice)
+                           num_items_in_batch, backend, inplace_backward, teacher_vocab_slice, grad_in_forward)
 
 
 class ContrastiveKDLoss(nn.Module):
@@ -208,6 +251,7 @@ class ContrastiveKDLoss(nn.Module):
         backend: str = "auto",
         inplace_backward: bool = False,
         teacher_vocab_slice: bool = False,
+        grad_in_forward: bool = False,
     ) -> None:
         super().__init__()
         self.options = KDOptions(alpha=alpha, plausibility_beta=plausibility_beta, temperature=temperature,
@@ -217,8 +261,10 @@ class ContrastiveKDLoss(nn.Module):
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if backend not in ("auto", *BACKEND_NAMES):
             raise ValueError(f"backend must be one of {('auto', *BACKEND_NAMES)}, got {backend!r}")
+        _check_grad_in_forward(grad_in_forward, reduction, inplace_backward)
         self.reduction = reduction
         self.backend = backend
+        self.grad_in_forward = grad_in_forward
         self.inplace_backward = inplace_backward
         self.teacher_vocab_slice = teacher_vocab_slice
 
@@ -233,7 +279,7 @@ class ContrastiveKDLoss(nn.Module):
         """Shapes as :func:`contrastive_kd_loss`."""
         return _contrastive_kd(student_logits, teacher_audio_logits, teacher_text_logits, labels, self.options,
                                self.reduction, num_items_in_batch, self.backend, self.inplace_backward,
-                               self.teacher_vocab_slice)
+                               self.teacher_vocab_slice, self.grad_in_forward)
 
     def extra_repr(self) -> str:
         o = self.options

@@ -26,6 +26,10 @@ def _fake_backward(*args):
     return None
 
 
+def _fake_forward_backward(grad_rows, s, a, t, labels, *args):
+    return _fake_forward(s, a, t, labels, *args[:-1])
+
+
 def _setup_context(ctx, inputs, output):
     s, a, t, labels, *scalars = inputs
     ctx.save_for_backward(s, a, t, labels, output[1])
@@ -47,5 +51,6 @@ def register() -> None:
         return
     torch.library.register_fake("caad::native_kd_forward", _fake_forward)
     torch.library.register_fake("caad::native_kd_backward", _fake_backward)
+    torch.library.register_fake("caad::native_kd_forward_backward", _fake_forward_backward)
     torch.library.register_autograd("caad::native_kd_forward", _backward, setup_context=_setup_context)
     _registered = True

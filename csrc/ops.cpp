@@ -16,4 +16,11 @@ TORCH_LIBRARY(caad, m) {
       "native_kd_backward(Tensor grad_rows, Tensor s, Tensor a, Tensor? t, Tensor? labels, Tensor stats, "
       "float alpha, float plausibility_beta, float temperature, int divergence, float jsd_beta, "
       "float soft_weight, float hard_weight, int ignore_index, Tensor(a!) grad_s) -> ()");
+  // Forward and gradient in one call (grad_in_forward): grad_s = grad_rows[n]·∂ℓ_n/∂s_n,
+  // returns native_kd_forward's (loss, stats). grad_s must not alias s. On CUDA sm_90 one
+  // cluster kernel reads each input once; elsewhere it is the two kernels back to back.
+  m.def(
+      "native_kd_forward_backward(Tensor grad_rows, Tensor s, Tensor a, Tensor? t, Tensor? labels, "
+      "float alpha, float plausibility_beta, float temperature, int divergence, float jsd_beta, "
+      "float soft_weight, float hard_weight, int ignore_index, Tensor(a!) grad_s) -> (Tensor, Tensor)");
 }

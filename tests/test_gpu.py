@@ -166,3 +166,79 @@ def test_64bit_indexing(backend):
     assert_loss_close(rows[pick], exp_rows, s)
     assert_grad_close(sl.grad[pick], exp_grad, s)
     assert float(rows[14140]) == 0.0 and not sl.grad[14140].any()
+
+
+# --- grad_in_forward: on sm_90 the cuda backend runs one cluster kernel (row on chip) ---
+
+SCALAR_CASES = [n for n, c in PARITY_CASES.items() if c.get("reduction") != "none"]
+
+
+@pytest.mark.parametrize("name", SCALAR_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("backend", CANDIDATES)
+def test_grad_in_forward_parity_cuda(backend, dtype, name):
+    """V = 4096 (a multiple of every chunk width: the cluster kernel's case) against the oracle."""
+    _need(backend)
+    s, a, t, labels, opts = make_case(PARITY_CASES[name], 37, 4096, generator=_gen(11), device=DEV, dtype=dtype)
+    loss, grad = run_loss(contrastive_kd_loss, s, a, t, labels, grad_output=1.3, backend=backend,
+                          grad_in_forward=True, **opts)
+    _, exp_loss, exp_grad = oracle(s, a, t, labels, grad_output=1.3, **opts)
+    assert loss.dtype == torch.float32 and grad.dtype == s.dtype
+    assert_loss_close(loss, exp_loss, s, a, t)
+    assert_grad_close(grad, exp_grad, s, a, t)
+
+
+@pytest.mark.parametrize("V", [8, 4104, 32008, 151936, 4099])
+@pytest.mark.parametrize("backend", FUSED)
+def test_grad_in_forward_shapes_cuda(backend, V):
+    """Cluster sizes 1..16 (V = 8 … 151,936; the last slice shorter than the others) and a V that is
+    not a multiple of the chunk (4099: the two-kernel fallback); ignored rows and the hard term."""
+    _need(backend)
+    N = 24
+    g = torch.Generator(device=DEV).manual_seed(12)
+    s, a, t = (torch.randn(N, V, generator=g, device=DEV).mul_(3).to(torch.bfloat16) for _ in range(3))
+    labels = torch.randint(0, V, (N,), generator=g, device=DEV)
+    labels[3] = -100
+    opts = dict(hard_weight=0.2, plausibility_beta=0.05)
+    loss, grad = run_loss(contrastive_kd_loss, s, a, t, labels, backend=backend, grad_in_forward=True, **opts)
+    _, exp_loss, exp_grad = oracle(s, a, t, labels, **opts)
+    assert_loss_close(loss, exp_loss, s, a, t)
+    assert_grad_close(grad, exp_grad, s, a, t)
+    assert not grad[3].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grad_in_forward_cluster_vs_two_kernels(dtype, monkeypatch):
+    """The cluster kernel and the two-kernel path (CAAD_CUDA_CLUSTER=0) agree, and each is bitwise
+    deterministic."""
+    _need("cuda")
+    N, V = 96, 151936
+    g = torch.Generator(device=DEV).manual_seed(13)
+    s, a, t = (torch.randn(N, V, generator=g, device=DEV).mul_(3).to(dtype) for _ in range(3))
+    opts = dict(backend="cuda", grad_in_forward=True, divergence="jsd", jsd_beta=0.3, plausibility_beta=0.01)
+    l1, g1 = run_loss(contrastive_kd_loss, s, a, t, **opts)
+    l2, g2 = run_loss(contrastive_kd_loss, s, a, t, **opts)
+    assert torch.equal(l1, l2) and torch.equal(g1, g2)
+    monkeypatch.setenv("CAAD_CUDA_CLUSTER", "0")
+    l3, g3 = run_loss(contrastive_kd_loss, s, a, t, **opts)
+    torch.testing.assert_close(l1, l3, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(g1.float(), g3.float(), **tol)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_grad_in_forward_64bit_indexing(backend):
+    """N·V > 2^31 through the grad_in_forward path (the cluster kernel on sm_90)."""
+    _need(backend)
+    N, V = 14200, 151936
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~30 GB of device memory")
+    g = torch.Generator(device=DEV).manual_seed(14)
+    s, a, t = (torch.randn(N, V, generator=g, device=DEV, dtype=torch.bfloat16).mul_(3) for _ in range(3))
+    sl = s.detach().requires_grad_(True)
+    loss = contrastive_kd_loss(sl, a, t, backend=backend, grad_in_forward=True, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss)
+    pick = torch.tensor([0, 14133, 14134, 14135, N - 1], device=DEV)
+    _, _, exp_grad = oracle(s[pick], a[pick], t[pick], None, reduction="sum")
+    assert_grad_close(sl.grad[pick], exp_grad, s)

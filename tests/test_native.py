@@ -57,6 +57,22 @@ def test_opcheck_native_ops(scalars, dtype, strided):
                           (grad_rows, s.detach(), a, t, labels, stats, *scalars, out))
 
 
+@pytest.mark.parametrize("scalars", SCALARS, ids=["fkl", "jsd-plaus-hard", "rkl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_native_forward_backward_op(scalars, dtype):
+    """The one-call op (grad_in_forward) = native_kd_forward then native_kd_backward, and passes opcheck."""
+    s, a, t, labels = _rows(dtype, strided=True, seed=4)
+    grad_rows = torch.rand(s.shape[0] * s.shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    loss, stats = torch.ops.caad.native_kd_forward(s, a, t, labels, *scalars)
+    want = torch.empty_like(s, memory_format=torch.contiguous_format)
+    torch.ops.caad.native_kd_backward(grad_rows, s, a, t, labels, stats, *scalars, want)
+    got = torch.full_like(want, float("nan"))
+    loss2, stats2 = torch.ops.caad.native_kd_forward_backward(grad_rows, s, a, t, labels, *scalars, got)
+    assert torch.equal(loss2, loss) and torch.equal(stats2, stats) and torch.equal(got, want)
+    torch.library.opcheck(torch.ops.caad.native_kd_forward_backward.default,
+                          (grad_rows, s, a, t, labels, *scalars, torch.empty_like(want)))
+
+
 @pytest.mark.parametrize("kw", [
     dict(),
     dict(divergence="reverse_kl", temperature=0.8),

@@ -1,5 +1,6 @@
 """The registered ops (caad_kernels/ops.py), the dispatcher and torch.compile."""
 
+import importlib.util
 import logging
 
 import pytest
@@ -55,6 +56,69 @@ def test_opcheck_backward_ops(backend, kw):
     torch.library.opcheck(torch.ops.caad.contrastive_kd_bwd.default, (grad_rows, s, a, t, labels, stats, *tail))
     torch.library.opcheck(torch.ops.caad.contrastive_kd_bwd_.default,
                           (grad_rows, s.clone(), a, t, labels, stats, *tail))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", OPTION_SETS)
+def test_opcheck_fwd_grad(backend, kw):
+    """grad_in_forward's op: schema, fake kernel and autograd registration.
+
+    Left out: opcheck's generic AOT forward+backward check, which returns every op output to the
+    caller — this op's backward rescales its second output (the stored gradient) in place by design,
+    and the public API never exposes that output. torch.compile of the public API is tested below.
+    """
+    s, a, t, labels = _sample_inputs(seed=3)
+    s.requires_grad_()
+    t = t if kw.get("alpha", 1.0) != 0 else None
+    divisor = torch.tensor(5.0)
+    torch.library.opcheck(torch.ops.caad.contrastive_kd_fwd_grad.default,
+                          (s, a, t, labels, divisor, *_scalar_args(backend, **kw)),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_compile_grad_in_forward(backend, compile_backend):
+    s, a, t, labels = _sample_inputs(seed=4)
+
+    def f(s, a, t, labels):
+        return contrastive_kd_loss(s, a, t, labels, backend=backend, grad_in_forward=True, hard_weight=0.2)
+
+    s1 = s.clone().requires_grad_()
+    want = f(s1, a, t, labels)
+    (want * 0.5).backward()
+    torch._dynamo.reset()
+    s2 = s.clone().requires_grad_()
+    got = torch.compile(f, fullgraph=True, backend=compile_backend)(s2, a, t, labels)
+    (got * 0.5).backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(s2.grad, s1.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scale_grad_skips_exactly_one(dtype):
+    x = torch.randn(3, 50).to(dtype)
+    before = x.clone()
+    torch.ops.caad.scale_grad_(x, torch.tensor(1.0, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
+    assert torch.equal(x, before)
+    torch.ops.caad.scale_grad_(x, torch.tensor(-0.75))
+    assert torch.equal(x, (before.double() * -0.75).to(dtype))
+    torch.library.opcheck(torch.ops.caad.scale_grad_.default, (x, torch.tensor(2.5)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_scale_unless_one(dtype):
+    """The device-side skip of scale_grad_ on CUDA (run here by the interpreter): untouched at 1,
+    scaled otherwise, across several grid-stride iterations and a ragged tail."""
+    from caad_kernels.triton_kernels.scale import scale_unless_one
+
+    x = torch.randn(5, 7001).to(dtype)
+    before = x.clone()
+    scale_unless_one(x, torch.tensor(1.0))
+    assert torch.equal(x, before)
+    scale_unless_one(x, torch.tensor(0.37))
+    assert torch.equal(x, (before.float() * 0.37).to(dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

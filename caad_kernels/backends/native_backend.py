@@ -36,3 +36,12 @@ def backward(grad_rows, s, a, t, labels, stats, opts: KDOptions, out: torch.Tens
                                       o3)
     if not shares_storage(o3, out):
         out.copy_(o3.reshape(out.shape))
+
+
+def forward_backward(s, a, t, labels, grad_rows, opts: KDOptions, out: torch.Tensor) -> torch.Tensor:
+    """Per-row losses ``[N]``, with ``grad_rows[n]·∂ℓ_n/∂s_n`` written into ``out`` (a fresh contiguous tensor
+    shaped like ``s``) by the same call: one kernel on sm_90, the two kernels elsewhere."""
+    s3, a3, t3, l2 = _operands(s, a, t, labels, opts)
+    rows, _ = torch.ops.caad.native_kd_forward_backward(grad_rows.reshape(-1), s3, a3, t3, l2, *_scalars(opts),
+                                                        as_btv(out))
+    return rows

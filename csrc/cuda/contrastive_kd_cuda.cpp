@@ -17,6 +17,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 
 #include "../kernel/contrastive_kd.h"
@@ -168,10 +170,73 @@ void native_kd_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& s, c
   C10_CUDA_CHECK(cuda::launch_contrastive_kd_backward(args, c10::cuda::getCurrentCUDAStream()));
 }
 
+// CAAD_CUDA_CLUSTER=0 turns the sm_90 single-pass kernel off (to compare it with the
+// two-kernel path, or to rule it out).
+bool cluster_kernel_enabled() {
+  const char* v = std::getenv("CAAD_CUDA_CLUSTER");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cuda(
+    const at::Tensor& grad_rows, const at::Tensor& s, const at::Tensor& a, const std::optional<at::Tensor>& t,
+    const std::optional<at::Tensor>& labels, double alpha, double plausibility_beta, double temperature,
+    int64_t divergence, double jsd_beta, double soft_weight, double hard_weight, int64_t ignore_index,
+    const at::Tensor& grad_s) {
+  check_rows(s, s, "s");
+  check_rows(a, s, "a");
+  if (t.has_value()) check_rows(*t, s, "t");
+  check_rows(grad_s, s, "grad_s");
+  const c10::cuda::CUDAGuard guard(s.device());
+  const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N] = [", rows, "], got ",
+              grad_rows.sizes());
+  TORCH_CHECK(grad_rows.device() == s.device(), "grad_rows must be on ", s.device(), " like s, got ",
+              grad_rows.device());
+  TORCH_CHECK(!grad_s.is_same(s) && grad_s.data_ptr() != s.data_ptr(), "grad_s must not alias s");
+  const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
+                                       hard_weight, t.has_value());
+  const bool one_dtype = grad_s.scalar_type() == s.scalar_type() && (!o.soft || a.scalar_type() == s.scalar_type()) &&
+                         (!o.use_text || t->scalar_type() == s.scalar_type());
+  if (rows > 0 && vocab > 0 && one_dtype && s.scalar_type() != at::kDouble && cluster_kernel_enabled()) {
+    const auto f32 = s.options().dtype(at::kFloat);
+    auto loss = at::empty({rows}, f32);
+    auto stats = at::empty({rows, kNumStats}, f32);
+    const Labels lab(labels, s);
+    const at::Tensor up = grad_rows.to(at::kFloat);
+    cuda::SinglePassArgs args;
+    args.forward.s = row_tensor(s);
+    args.forward.a = row_tensor(a);
+    if (t.has_value()) args.forward.t = row_tensor(*t);
+    args.forward.labels = lab.view;
+    args.forward.rows = rows;
+    args.forward.rows_per_batch = s.size(1);
+    args.forward.vocab = vocab;
+    args.forward.opts = o;
+    args.forward.ignore_index = ignore_index;
+    args.forward.loss = loss.data_ptr<float>();
+    args.forward.stats = stats.data_ptr<float>();
+    args.grad_rows = up.data_ptr<float>();
+    args.grad_rows_stride = up.stride(0);
+    args.grad = cuda::MutableRowTensor{grad_s.data_ptr(), grad_s.stride(0), grad_s.stride(1),
+                                       kernel_dtype(grad_s, "grad_s")};
+    const cudaError_t err = cuda::launch_contrastive_kd_single_pass(args, c10::cuda::getCurrentCUDAStream());
+    if (err != cudaErrorNotSupported) {
+      C10_CUDA_CHECK(err);
+      return {loss, stats};
+    }
+  }
+  auto out = native_kd_forward_cuda(s, a, t, labels, alpha, plausibility_beta, temperature, divergence, jsd_beta,
+                                    soft_weight, hard_weight, ignore_index);
+  native_kd_backward_cuda(grad_rows, s, a, t, labels, std::get<1>(out), alpha, plausibility_beta, temperature,
+                          divergence, jsd_beta, soft_weight, hard_weight, ignore_index, grad_s);
+  return out;
+}
+
 }  // namespace
 }  // namespace caad
 
 TORCH_LIBRARY_IMPL(caad, CUDA, m) {
   m.impl("native_kd_forward", &caad::native_kd_forward_cuda);
   m.impl("native_kd_backward", &caad::native_kd_backward_cuda);
+  m.impl("native_kd_forward_backward", &caad::native_kd_forward_backward_cuda);
 }

@@ -42,6 +42,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -246,11 +247,13 @@ struct Elem<__half> {
 // path. The backward's s may be the gradient buffer itself (in-place backward), so it
 // uses a coherent streaming load (ld.global.cs): each chunk is read, then written, by
 // the one thread that owns it, and read exactly once.
-enum class Load { kReadOnly, kStreaming };
+// The sm_90 cluster kernel reads rows it staged in shared memory: plain (generic) loads.
+enum class Load { kReadOnly, kStreaming, kShared };
 
 template <Load L>
 CAAD_HD uint4 load16(const void* p) {
 #ifdef __CUDA_ARCH__
+  if (L == Load::kShared) return *static_cast<const uint4*>(p);
   return L == Load::kReadOnly ? __ldg(static_cast<const uint4*>(p)) : __ldcs(static_cast<const uint4*>(p));
 #else
   uint4 u;
@@ -262,6 +265,7 @@ CAAD_HD uint4 load16(const void* p) {
 template <Load L, typename B>
 CAAD_HD B load_scalar(const B* p) {
 #ifdef __CUDA_ARCH__
+  if (L == Load::kShared) return *p;
   return L == Load::kReadOnly ? __ldg(p) : __ldcs(p);
 #else
   return *p;
@@ -497,17 +501,17 @@ CAAD_HD float contrast(const Params& p, float a, float t, float threshold) {
 // One chunk of the streaming pass: the CPU core's block step with a block of VEC entries.
 // Chunk maxima first, then one rescale per chunk (not per entry), then the entries'
 // exps relative to the new safe maxima, so the chunk sums need no rescale.
-template <typename T, int DIV>
+template <typename T, int DIV, Load L = Load::kReadOnly>
 CAAD_HD void forward_chunk(const Params& p, const T* s_row, const T* a_row, const T* t_row, int64_t j0, bool vec,
                            float threshold, FwdState& S, uint32_t& bad, uint32_t& infinite) {
   constexpr int N = Elem<T>::kVec;
   const int64_t V = p.vocab;
   // All loads first: three 16-byte requests in flight per thread before any use.
-  const Raw rs = load_chunk<T, Load::kReadOnly>(s_row, j0, V, vec, Elem<T>::kNegInf);
+  const Raw rs = load_chunk<T, L>(s_row, j0, V, vec, Elem<T>::kNegInf);
   Raw ra = {{0, 0, 0, 0}}, rt = {{0, 0, 0, 0}};
   if (p.soft) {
-    ra = load_chunk<T, Load::kReadOnly>(a_row, j0, V, vec, Elem<T>::kNegInf);
-    if (p.text) rt = load_chunk<T, Load::kReadOnly>(t_row, j0, V, vec, 0u);
+    ra = load_chunk<T, L>(a_row, j0, V, vec, Elem<T>::kNegInf);
+    if (p.text) rt = load_chunk<T, L>(t_row, j0, V, vec, 0u);
   }
 
   // Register budget (2 blocks of 512 threads per SM = 64 registers): only one
@@ -613,15 +617,15 @@ CAAD_HD Norms make_norms(const FwdState& R) {
 }
 
 // One chunk of the generalized-JSD pass: Σ p(log p − log m) and Σ q(log q − log m).
-template <typename T>
+template <typename T, Load L = Load::kReadOnly>
 CAAD_HD void jsd_chunk(const Params& p, const T* s_row, const T* a_row, const T* t_row, int64_t j0, bool vec,
                        float threshold, const Norms& nm, float& kp, float& kq) {
   constexpr int N = Elem<T>::kVec;
   const int64_t V = p.vocab;
-  const Raw rs = load_chunk<T, Load::kReadOnly>(s_row, j0, V, vec, Elem<T>::kNegInf);
-  const Raw ra = load_chunk<T, Load::kReadOnly>(a_row, j0, V, vec, Elem<T>::kNegInf);
+  const Raw rs = load_chunk<T, L>(s_row, j0, V, vec, Elem<T>::kNegInf);
+  const Raw ra = load_chunk<T, L>(a_row, j0, V, vec, Elem<T>::kNegInf);
   Raw rt = {{0, 0, 0, 0}};
-  if (p.text) rt = load_chunk<T, Load::kReadOnly>(t_row, j0, V, vec, 0u);
+  if (p.text) rt = load_chunk<T, L>(t_row, j0, V, vec, 0u);
 CAAD_UNROLL
   for (int k = 0; k < N; ++k) {
     const float a = Elem<T>::get(ra, k);
@@ -702,16 +706,16 @@ CAAD_HD BwdRow make_bwd_row(const Params& p, const float* st, float upstream, in
 // d loss/d s for entries j0 .. j0+VEC−1, the CPU core's formulas per divergence:
 //   forward KL  (q − p)·c,  reverse KL  q(log q − log p − KL)·c,
 //   JSD  (1−β)·q(log q − log m − KL(q‖m))·c,  hard  w·(softmax(s) − onehot(y)).
-template <typename T, int DIV>
+template <typename T, int DIV, Load LS = Load::kStreaming, Load LA = Load::kReadOnly>
 CAAD_HD void backward_chunk(const Params& p, const BwdRow& r, const T* s_row, const T* a_row, const T* t_row,
                             int64_t j0, bool vec, float (&g)[Elem<T>::kVec]) {
   constexpr int N = Elem<T>::kVec;
   const int64_t V = p.vocab;
-  const Raw rs = load_chunk<T, Load::kStreaming>(s_row, j0, V, vec, Elem<T>::kNegInf);
+  const Raw rs = load_chunk<T, LS>(s_row, j0, V, vec, Elem<T>::kNegInf);
   Raw ra = {{0, 0, 0, 0}}, rt = {{0, 0, 0, 0}};
   if (p.soft) {
-    ra = load_chunk<T, Load::kReadOnly>(a_row, j0, V, vec, Elem<T>::kNegInf);
-    if (p.text) rt = load_chunk<T, Load::kReadOnly>(t_row, j0, V, vec, 0u);
+    ra = load_chunk<T, LA>(a_row, j0, V, vec, Elem<T>::kNegInf);
+    if (p.text) rt = load_chunk<T, LA>(t_row, j0, V, vec, 0u);
   }
 CAAD_UNROLL
   for (int k = 0; k < N; ++k) {
@@ -920,6 +924,199 @@ __global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_backward_kernel
   }
 }
 
+
+// ---------------------------------------------------------------------------------
+// sm_90: forward and gradient in one launch, the row held on chip by a thread-block
+// cluster (grad_in_forward; see README.md "Single pass on Hopper").
+//
+// A cluster of K CTAs owns one row; CTA r copies entries [r·slice, r·slice + slice) of
+// s, a and t into its shared memory with cp.async (one HBM read), runs the forward
+// chunks over them, and the K per-CTA states are merged through distributed shared
+// memory — every CTA folds them in rank order, so all K hold bitwise the same row
+// statistics (and the result does not depend on K's scheduling). Each CTA then writes
+// its slice of the gradient from shared memory: 8 bytes per entry of HBM traffic in
+// bf16 (read s, a, t; write grad) instead of the two-kernel path's 14. The upstream
+// gradient of the row (1/divisor of the reduction) is an input, which is why this
+// path exists only behind grad_in_forward.
+//
+// Preconditions (checked by the launcher, which otherwise reports "not supported" so
+// the caller runs the two kernels): compute capability 9.x, one input dtype shared by
+// the gradient, V a multiple of the 16-byte chunk, every row start 16-byte aligned,
+// and a slice that fits the shared memory budget with K <= 16.
+
+constexpr int kClusterMaxThreads = 256;  // ~100 registers: 2–3 CTAs of 256 per SM
+constexpr int kMaxClusterSize = 16;
+
+struct ClusterExchange {  // what each CTA publishes to the others (written by its thread 0)
+  FwdState state;
+  float max_a;
+  float kl_pm, kl_qm;
+  uint32_t flags;  // bit 0: a NaN/+inf entry; bit 1: an entry with infinite divergence
+};
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.commit_group;\ncp.async.wait_all;\n" ::: "memory");
+}
+#endif
+
+template <typename T, int DIV>
+__global__ void __launch_bounds__(kClusterMaxThreads, 3)
+    contrastive_kd_cluster_kernel(const Params p, const int64_t slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  constexpr int N = Elem<T>::kVec;
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  __shared__ FwdState state_slots[kMaxWarps];
+  __shared__ float2 sum_slots[kMaxWarps];
+  __shared__ float max_slots[kMaxWarps];
+  __shared__ ClusterExchange mine;
+  __shared__ FwdState merged;
+  __shared__ float row_stats[kNumStats];
+  __shared__ float row_loss;
+  __shared__ uint32_t row_flags;
+  __shared__ float row_kl[2];
+
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank(), K = cluster.num_blocks();
+  const int tid = threadIdx.x, nt = blockDim.x;
+  // Shared layout: s | a | t, `slice` entries each (slice is a multiple of N: 16-byte aligned parts).
+  T* s_sm = reinterpret_cast<T*>(row_smem);
+  T* a_sm = s_sm + slice;
+  T* t_sm = a_sm + (p.soft ? slice : 0);
+  const int64_t j_begin = static_cast<int64_t>(rank) * slice;
+  const int64_t len = j_begin < p.vocab ? (p.vocab - j_begin < slice ? p.vocab - j_begin : slice) : 0;
+  const int64_t chunks = len / N;  // len is a multiple of N (V is)
+  const int64_t clusters = gridDim.x / K;
+
+  for (int64_t row = blockIdx.x / K; row < p.rows; row += clusters) {
+    const int64_t bi = row / p.rows_per_batch, ti = row - bi * p.rows_per_batch;
+    T* g_row = static_cast<T*>(p.grad) + (bi * p.g_sb + ti * p.g_st) + j_begin;
+    int64_t y = 0;
+    if (p.labels != nullptr) y = p.labels[bi * p.l_sb + ti * p.l_st];
+    if (p.labels != nullptr && y == p.ignore_index) {  // uniform over the cluster: no cluster barrier here
+      const float zeros[N] = {};
+      for (int64_t c = tid; c < chunks; c += nt) store_chunk<T, N>(g_row, c * N, len, true, zeros);
+      if (rank == 0 && tid == 0) p.loss[row] = 0.f;
+      if (rank == 0 && tid < kNumStats) p.stats_out[row * kNumStats + tid] = 0.f;
+      continue;
+    }
+    const T* s_row = row_ptr<T>(p.s, bi, ti, p.s_sb, p.s_st);
+    const T* a_row = p.soft ? row_ptr<T>(p.a, bi, ti, p.a_sb, p.a_st) : nullptr;
+    const T* t_row = p.text ? row_ptr<T>(p.t, bi, ti, p.t_sb, p.t_st) : nullptr;
+
+    // 1. Stage this CTA's slice: the only HBM read of s, a and t.
+    for (int64_t c = tid; c < chunks; c += nt) {
+      cp_async16(s_sm + c * N, s_row + j_begin + c * N);
+      if (p.soft) cp_async16(a_sm + c * N, a_row + j_begin + c * N);
+      if (p.text) cp_async16(t_sm + c * N, t_row + j_begin + c * N);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+
+    // 2. Plausibility: the row's max(a) is the max of the CTAs' maxima (exact in any order).
+    float max_a = neg_inf();
+    if (p.plaus) {
+      float m = neg_inf();
+      for (int64_t c = tid; c < chunks; c += nt) {
+        const Raw r = load_chunk<T, Load::kShared>(a_sm, c * N, len, true, Elem<T>::kNegInf);
+CAAD_UNROLL
+        for (int k = 0; k < N; ++k) m = fmaxf(m, Elem<T>::get(r, k));
+      }
+      m = block_max_all(m, max_slots);
+      if (tid == 0) mine.max_a = m;
+      cluster.sync();
+      for (unsigned r = 0; r < K; ++r) max_a = fmaxf(max_a, cluster.map_shared_rank(&mine, r)->max_a);
+    }
+    const float threshold = fadd(max_a, p.log_beta_p);
+
+    // 3. Streaming statistics over the slice, merged over the block, then over the cluster.
+    FwdState S = identity_state();
+    uint32_t bad = 0, infinite = 0;
+    for (int64_t c = tid; c < chunks; c += nt) {
+      forward_chunk<T, DIV, Load::kShared>(p, s_sm, a_sm, t_sm, c * N, true, threshold, S, bad, infinite);
+    }
+    const bool any_bad = __syncthreads_or(static_cast<int>(bad)) != 0;
+    const bool any_infinite = __syncthreads_or(static_cast<int>(infinite)) != 0;
+    const bool hard_sep = p.hard && !p.tau_one;
+    S = block_merge<DIV>(S, state_slots, p.soft, hard_sep);
+    if (tid == 0) {
+      mine.state = S;
+      mine.flags = (any_bad ? 1u : 0u) | (any_infinite ? 2u : 0u);
+    }
+    cluster.sync();
+    if (tid == 0) {
+      // Fixed rank order in every CTA: the K copies of the row statistics are bitwise equal.
+      FwdState R = cluster.map_shared_rank(&mine, 0u)->state;
+      uint32_t flags = cluster.map_shared_rank(&mine, 0u)->flags;
+      for (unsigned r = 1; r < K; ++r) {
+        const ClusterExchange* o = cluster.map_shared_rank(&mine, r);
+        R = merge_states<DIV>(R, o->state, p.soft, hard_sep);
+        flags |= o->flags;
+      }
+      merged = R;
+      row_flags = flags;
+    }
+    __syncthreads();
+    const Norms nm = make_norms(merged);
+
+    // 4. Generalized JSD: its second pass runs over shared memory, then one more exchange.
+    if (DIV == kJSD && p.soft) {
+      float2 k2 = make_float2(0.f, 0.f);
+      for (int64_t c = tid; c < chunks; c += nt) {
+        jsd_chunk<T, Load::kShared>(p, s_sm, a_sm, t_sm, c * N, true, threshold, nm, k2.x, k2.y);
+      }
+      k2 = block_sum2(k2, sum_slots);
+      if (tid == 0) {
+        mine.kl_pm = k2.x;
+        mine.kl_qm = k2.y;
+      }
+      cluster.sync();
+      if (tid == 0) {
+        float pm = 0.f, qm = 0.f;
+        for (unsigned r = 0; r < K; ++r) {
+          pm += cluster.map_shared_rank(&mine, r)->kl_pm;
+          qm += cluster.map_shared_rank(&mine, r)->kl_qm;
+        }
+        row_kl[0] = pm;
+        row_kl[1] = qm;
+      }
+    }
+
+    // 5. Loss and statistics (every CTA computes them; rank 0 stores them).
+    if (tid == 0) {
+      const bool in_range = y >= 0 && y < p.vocab;
+      float s_y = 0.f;
+      if (p.hard && in_range) s_y = Elem<T>::from_bits(reinterpret_cast<const typename Elem<T>::Bits*>(s_row)[y]);
+      const bool jsd = DIV == kJSD && p.soft;
+      finish_row<DIV>(p, merged, nm, (row_flags & 1u) != 0, (row_flags & 2u) != 0, max_a, jsd ? row_kl[0] : 0.f,
+                      jsd ? row_kl[1] : 0.f, in_range, s_y, &row_loss, row_stats);
+      if (rank == 0) p.loss[row] = row_loss;
+    }
+    __syncthreads();
+    if (rank == 0 && tid < kNumStats) p.stats_out[row * kNumStats + tid] = row_stats[tid];
+
+    // 6. The gradient of this slice, from shared memory. Label positions are slice-relative.
+    BwdRow r = make_bwd_row(p, row_stats, p.grad_rows[row * p.grad_rows_stride], y);
+    r.label = y - j_begin;
+    for (int64_t c = tid; c < chunks; c += nt) {
+      float g[N];
+      backward_chunk<T, DIV, Load::kShared, Load::kShared>(p, r, s_sm, a_sm, t_sm, c * N, true, g);
+      store_chunk<T, N>(g_row, c * N, len, true, g);
+    }
+    // No CTA may reuse `mine` or its row buffers, or exit, while another still reads them.
+    cluster.sync();
+  }
+#else
+  __trap();  // built for an architecture without clusters; the launcher never gets here
+#endif
+}
+
 // ---------------------------------------------------------------------------------
 // Host side.
 
@@ -1009,6 +1206,100 @@ void launch_backward_div(const Params& p, int div, cudaStream_t stream) {
   }
 }
 
+
+// Cluster size K and the slice each CTA stages: the smallest K (a power of two, <= 16)
+// whose slice fits 64 KB — three CTAs per SM, so one CTA's copy overlaps another's
+// math — else the smallest whose slice fits what the device allows one CTA.
+struct ClusterPlan {
+  int k = 0;
+  int64_t slice = 0;
+  size_t smem = 0;
+  int threads = 0;
+};
+
+inline bool plan_cluster(int64_t vocab, int vec, size_t bytes_per_entry, size_t smem_limit, ClusterPlan& out) {
+  const size_t budgets[2] = {size_t{64} << 10, smem_limit};
+  for (const size_t budget : budgets) {
+    for (int k = 1; k <= kMaxClusterSize; k *= 2) {
+      const int64_t per_cta = (vocab + k - 1) / k;
+      const int64_t slice = (per_cta + vec - 1) / vec * vec;
+      const size_t bytes = static_cast<size_t>(slice) * bytes_per_entry;
+      if (bytes <= budget && bytes <= smem_limit) {
+        out.k = k;
+        out.slice = slice;
+        out.smem = bytes;
+        out.threads = slice / vec >= 4 * 256 ? 256 : 128;  // >= 4 chunks per thread when the slice allows
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+template <typename T, int DIV>
+cudaError_t launch_cluster_t(const Params& p, cudaStream_t stream) {
+  constexpr int N = Elem<T>::kVec;
+  auto kernel = contrastive_kd_cluster_kernel<T, DIV>;
+  int dev = 0, major = 0, optin = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) {
+    return cudaErrorNotSupported;
+  }
+  if (major < 9) return cudaErrorNotSupported;
+  cudaFuncAttributes fa;
+  // A build without sm_90 code has only the trapping body: never launch it.
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.ptxVersion < 90 || fa.binaryVersion < 90) {
+    return cudaErrorNotSupported;
+  }
+  const size_t staged = sizeof(T) * static_cast<size_t>(1 + (p.soft ? 1 : 0) + (p.text ? 1 : 0));
+  const size_t limit = static_cast<size_t>(optin) > fa.sharedSizeBytes ? optin - fa.sharedSizeBytes : 0;
+  ClusterPlan plan;
+  if (!plan_cluster(p.vocab, N, staged, limit, plan)) return cudaErrorNotSupported;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)) !=
+      cudaSuccess) {
+    return cudaErrorNotSupported;
+  }
+  if (plan.k > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+    return cudaErrorNotSupported;
+  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(plan.k);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  const int64_t max_clusters = INT_MAX / plan.k;
+  const int64_t clusters = p.rows < max_clusters ? p.rows : max_clusters;
+  cfg.gridDim = dim3(static_cast<unsigned>(clusters * plan.k), 1, 1);
+  cfg.blockDim = dim3(static_cast<unsigned>(plan.threads), 1, 1);
+  cfg.dynamicSmemBytes = plan.smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int active = 0;
+  if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess || active < 1) {
+    return cudaErrorNotSupported;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, p, plan.slice);
+}
+
+template <typename T>
+cudaError_t launch_cluster_div(const Params& p, int div, cudaStream_t stream) {
+  switch (div) {
+    case kForwardKL: return launch_cluster_t<T, kForwardKL>(p, stream);
+    case kReverseKL: return launch_cluster_t<T, kReverseKL>(p, stream);
+    default: return launch_cluster_t<T, kJSD>(p, stream);
+  }
+}
+
+// Every row start of a [B, T, V] view on a 16-byte boundary.
+inline bool rows_aligned(const void* ptr, int64_t sb, int64_t st, int vec, int elem_bytes) {
+  return ptr == nullptr ||
+         (reinterpret_cast<uintptr_t>(ptr) % (static_cast<uintptr_t>(vec) * elem_bytes) == 0 && sb % vec == 0 &&
+          st % vec == 0);
+}
+
 }  // namespace detail
 
 cudaError_t launch_contrastive_kd_forward(const ForwardArgs& args, cudaStream_t stream) {
@@ -1073,6 +1364,46 @@ cudaError_t launch_contrastive_kd_backward(const BackwardArgs& args, cudaStream_
     launch_backward_div<__half, __half>(p, div, stream);
   }
   return cudaGetLastError();
+}
+
+cudaError_t launch_contrastive_kd_single_pass(const SinglePassArgs& args, cudaStream_t stream) {
+  using namespace detail;
+  const ForwardArgs& f = args.forward;
+  const KernelOptions& o = f.opts;
+  const DType d = f.s.dtype;
+  if (!supported_input(d) || args.grad.dtype != d || (o.soft && f.a.dtype != d) ||
+      (o.soft && o.use_text && f.t.dtype != d) || f.s.ptr == nullptr || (o.soft && f.a.ptr == nullptr) ||
+      (o.soft && o.use_text && f.t.ptr == nullptr) || args.grad.ptr == nullptr || f.loss == nullptr ||
+      f.stats == nullptr || args.grad_rows == nullptr || f.vocab <= 0 || f.rows <= 0 || f.rows_per_batch <= 0) {
+    return cudaErrorNotSupported;
+  }
+  const int vec = d == DType::kFloat32 ? 4 : 8;
+  const int bytes = d == DType::kFloat32 ? 4 : 2;
+  if (f.vocab % vec != 0 || !rows_aligned(f.s.ptr, f.s.stride_b, f.s.stride_t, vec, bytes) ||
+      !rows_aligned(o.soft ? f.a.ptr : nullptr, f.a.stride_b, f.a.stride_t, vec, bytes) ||
+      !rows_aligned(o.soft && o.use_text ? f.t.ptr : nullptr, f.t.stride_b, f.t.stride_t, vec, bytes) ||
+      !rows_aligned(args.grad.ptr, args.grad.stride_b, args.grad.stride_t, vec, bytes)) {
+    return cudaErrorNotSupported;
+  }
+  Params p = make_params(f.s, f.a, f.t, f.labels, f.rows, f.rows_per_batch, f.vocab, o, f.ignore_index);
+  p.loss = f.loss;
+  p.stats_out = f.stats;
+  p.grad = args.grad.ptr;
+  p.g_sb = args.grad.stride_b;
+  p.g_st = args.grad.stride_t;
+  p.grad_rows = args.grad_rows;
+  p.grad_rows_stride = args.grad_rows_stride;
+  cudaError_t err;
+  switch (d) {
+    case DType::kFloat32: err = launch_cluster_div<float>(p, o.divergence, stream); break;
+    case DType::kBFloat16: err = launch_cluster_div<__nv_bfloat16>(p, o.divergence, stream); break;
+    default: err = launch_cluster_div<__half>(p, o.divergence, stream); break;
+  }
+  if (err == cudaErrorNotSupported) {
+    (void)cudaGetLastError();  // clear a sticky-free error left by a refused attribute query
+    return err;
+  }
+  return err == cudaSuccess ? cudaGetLastError() : err;
 }
 
 }  // namespace cuda

@@ -72,11 +72,27 @@ struct BackwardArgs {
   MutableRowTensor grad;         // written in full: exact zeros on ignored rows
 };
 
+// grad_in_forward on sm_90: forward outputs plus grad[n] = grad_rows[n]·∂ℓ_n/∂s_n in one
+// launch, each row held on chip by a thread-block cluster. The gradient has the
+// inputs' dtype.
+struct SinglePassArgs {
+  ForwardArgs forward;
+  const float* grad_rows = nullptr;
+  int64_t grad_rows_stride = 1;
+  MutableRowTensor grad;  // must not alias s
+};
+
 // Enqueue the kernel on `stream`. Returns cudaErrorInvalidValue for arguments
 // outside the contract above (float64, mixed input dtypes, an unsupported
 // gradient dtype), else the launch status (cudaGetLastError). No host sync.
 cudaError_t launch_contrastive_kd_forward(const ForwardArgs& args, cudaStream_t stream);
 cudaError_t launch_contrastive_kd_backward(const BackwardArgs& args, cudaStream_t stream);
+
+// cudaErrorNotSupported (nothing enqueued) unless the device is sm_90+, the build has sm_90
+// code, all tensors share one dtype, V is a multiple of 16 bytes' worth of entries, every
+// row starts 16-byte aligned and a row fits K <= 16 CTAs' shared memory; the caller then
+// runs the forward and backward kernels instead. Otherwise the launch status.
+cudaError_t launch_contrastive_kd_single_pass(const SinglePassArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace caad
