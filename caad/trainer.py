@@ -43,6 +43,9 @@ class CAADConfig(TrainingArguments):
     teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "teacher checkpoint"})
     teacher_dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 | float16"})
     teacher_device: str | None = field(default=None, metadata={"help": "teacher device (default: the student's)"})
+    kd_grad_in_forward: bool = field(default=False, metadata={
+        "help": "compute the KD loss's logits gradient in its forward (caad_kernels grad_in_forward): one read "
+                "of the logits on sm_90's cuda backend; holds the gradient until the backward"})
     fused_linear: bool = field(default=False, metadata={
         "help": "take final hidden states and LM heads instead of logits (caad_kernels.fused_linear): no [N, V] "
                 "logits from the student or the teacher"})
@@ -147,7 +150,7 @@ class CAADTrainer(Trainer):
             device = student_rows.device
             loss = contrastive_kd_loss(
                 student_rows, teacher_audio.to(device), teacher_text.to(device) if o.uses_text else None,
-                target_ids, **options,
+                target_ids, **options, grad_in_forward=self.args.kd_grad_in_forward,
                 # A teacher with a padded head (e.g. Qwen's) is sliced to the student's vocabulary, explicitly.
                 teacher_vocab_slice=teacher_audio.shape[-1] > student_rows.shape[-1],
             )

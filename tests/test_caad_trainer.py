@@ -157,6 +157,27 @@ def test_fused_linear_equals_the_logits_path(setup, tmp_path):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
 
 
+def test_grad_in_forward_equals_the_default(setup, tmp_path):
+    """CAADConfig(kd_grad_in_forward=True): same loss and student gradients, gradient made in the forward."""
+    tokenizer, processor, examples = setup
+    results = []
+    for gif in (False, True):
+        student = tiny_qwen2_audio(tokenizer, hidden=32, layers=1, seed=1)
+        teacher = tiny_qwen2_audio(tokenizer, hidden=64, layers=2, seed=7)
+        trainer = CAADTrainer(model=student, teacher_model=teacher,
+                              args=_args(tmp_path, kd_grad_in_forward=gif, hard_weight=0.3, temperature=2.0),
+                              processor=processor)
+        batch = trainer.data_collator(examples[:3])
+        loss = trainer.compute_loss(student, batch, num_items_in_batch=7)
+        (loss * 0.5).backward()
+        results.append((loss.detach(), [p.grad.clone() for p in student.parameters() if p.grad is not None]))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-7)
+    assert len(g0) == len(g1) > 0
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 def test_kd_ce_split_is_computed_only_for_logged_steps(setup, tmp_path):
     """The split costs an extra pass over the target rows: with logging every 2 steps, step 1 skips it."""
     _, _, trainer = _train(setup, tmp_path, max_steps=2, logging_steps=2, per_device_train_batch_size=2)
