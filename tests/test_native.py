@@ -156,6 +156,8 @@ def test_cmake_build_and_ctest_of_the_core(tmp_path):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "100% tests passed" in proc.stdout
+    if _nvcc() is not None:  # the sm_90 cluster kernel's body, emulated on the CPU, ran and passed
+        assert "caad_cluster_emulation_test" in proc.stdout and "Passed" in proc.stdout
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")

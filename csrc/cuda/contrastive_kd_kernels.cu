@@ -819,7 +819,7 @@ CAAD_UNROLL
 }
 
 template <typename T>
-__device__ __forceinline__ const T* row_ptr(const void* base, int64_t bi, int64_t ti, int64_t sb, int64_t st) {
+CAAD_HD const T* row_ptr(const void* base, int64_t bi, int64_t ti, int64_t sb, int64_t st) {
   return base == nullptr ? nullptr : static_cast<const T*>(base) + (bi * sb + ti * st);
 }
 
@@ -942,7 +942,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_backward_kernel
 // the gradient, V a multiple of the 16-byte chunk, every row start 16-byte aligned,
 // and a slice that fits the shared memory budget with K <= 16.
 
-constexpr int kClusterMaxThreads = 256;  // ~100 registers: 2–3 CTAs of 256 per SM
+constexpr int kClusterMaxThreads = 256;  // ~80 registers: 3 CTAs of 256 per SM
 constexpr int kMaxClusterSize = 16;
 
 struct ClusterExchange {  // what each CTA publishes to the others (written by its thread 0)
@@ -952,47 +952,39 @@ struct ClusterExchange {  // what each CTA publishes to the others (written by i
   uint32_t flags;  // bit 0: a NaN/+inf entry; bit 1: an entry with infinite divergence
 };
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem) : "memory");
-}
+// One CTA's row-level shared state.
+struct ClusterCtaShared {
+  ClusterExchange mine;
+  FwdState merged;
+  float row_stats[kNumStats];
+  float row_loss;
+  uint32_t row_flags;
+  float row_kl[2];
+};
 
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.commit_group;\ncp.async.wait_all;\n" ::: "memory");
-}
-#endif
-
-template <typename T, int DIV>
-__global__ void __launch_bounds__(kClusterMaxThreads, 3)
-    contrastive_kd_cluster_kernel(const Params p, const int64_t slice) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  namespace cg = cooperative_groups;
+// The kernel body, one thread's view, written against an execution context `cx` so the
+// same code runs on the GPU (DeviceClusterCtx below) and in the host emulator of
+// csrc/tests/cluster_emulation_test.cu (threads and barriers on the CPU). `cx` gives:
+// rank()/size() in the cluster, cluster_id()/clusters(), tid()/threads(), sync_block(),
+// sync_cluster(), any(v) (block OR, every thread), block_max(v) (every thread),
+// merge<DIV>(state, soft, hard_sep) and sum2(v) (block reductions, result in thread 0),
+// remote(&local, r) (the same shared object in CTA r), copy16(dst, src) / copy_wait().
+// `stage` is this CTA's dynamic shared memory: s | a | t, `slice` entries each.
+#pragma nv_exec_check_disable
+template <typename T, int DIV, class Ctx>
+CAAD_HD void cluster_rows(const Params& p, const int64_t slice, Ctx& cx, ClusterCtaShared& sh, unsigned char* stage) {
   constexpr int N = Elem<T>::kVec;
-  extern __shared__ __align__(16) unsigned char row_smem[];
-  __shared__ FwdState state_slots[kMaxWarps];
-  __shared__ float2 sum_slots[kMaxWarps];
-  __shared__ float max_slots[kMaxWarps];
-  __shared__ ClusterExchange mine;
-  __shared__ FwdState merged;
-  __shared__ float row_stats[kNumStats];
-  __shared__ float row_loss;
-  __shared__ uint32_t row_flags;
-  __shared__ float row_kl[2];
-
-  cg::cluster_group cluster = cg::this_cluster();
-  const unsigned rank = cluster.block_rank(), K = cluster.num_blocks();
-  const int tid = threadIdx.x, nt = blockDim.x;
-  // Shared layout: s | a | t, `slice` entries each (slice is a multiple of N: 16-byte aligned parts).
-  T* s_sm = reinterpret_cast<T*>(row_smem);
+  const unsigned rank = cx.rank(), K = cx.size();
+  const int64_t tid = cx.tid(), nt = cx.threads();
+  T* s_sm = reinterpret_cast<T*>(stage);  // slice is a multiple of N: each part is 16-byte aligned
   T* a_sm = s_sm + slice;
   T* t_sm = a_sm + (p.soft ? slice : 0);
   const int64_t j_begin = static_cast<int64_t>(rank) * slice;
   const int64_t len = j_begin < p.vocab ? (p.vocab - j_begin < slice ? p.vocab - j_begin : slice) : 0;
   const int64_t chunks = len / N;  // len is a multiple of N (V is)
-  const int64_t clusters = gridDim.x / K;
+  const bool hard_sep = p.hard && !p.tau_one;
 
-  for (int64_t row = blockIdx.x / K; row < p.rows; row += clusters) {
+  for (int64_t row = cx.cluster_id(); row < p.rows; row += cx.clusters()) {
     const int64_t bi = row / p.rows_per_batch, ti = row - bi * p.rows_per_batch;
     T* g_row = static_cast<T*>(p.grad) + (bi * p.g_sb + ti * p.g_st) + j_begin;
     int64_t y = 0;
@@ -1001,7 +993,9 @@ __global__ void __launch_bounds__(kClusterMaxThreads, 3)
       const float zeros[N] = {};
       for (int64_t c = tid; c < chunks; c += nt) store_chunk<T, N>(g_row, c * N, len, true, zeros);
       if (rank == 0 && tid == 0) p.loss[row] = 0.f;
-      if (rank == 0 && tid < kNumStats) p.stats_out[row * kNumStats + tid] = 0.f;
+      if (rank == 0) {
+        for (int64_t k = tid; k < kNumStats; k += nt) p.stats_out[row * kNumStats + k] = 0.f;
+      }
       continue;
     }
     const T* s_row = row_ptr<T>(p.s, bi, ti, p.s_sb, p.s_st);
@@ -1010,12 +1004,12 @@ __global__ void __launch_bounds__(kClusterMaxThreads, 3)
 
     // 1. Stage this CTA's slice: the only HBM read of s, a and t.
     for (int64_t c = tid; c < chunks; c += nt) {
-      cp_async16(s_sm + c * N, s_row + j_begin + c * N);
-      if (p.soft) cp_async16(a_sm + c * N, a_row + j_begin + c * N);
-      if (p.text) cp_async16(t_sm + c * N, t_row + j_begin + c * N);
+      cx.copy16(s_sm + c * N, s_row + j_begin + c * N);
+      if (p.soft) cx.copy16(a_sm + c * N, a_row + j_begin + c * N);
+      if (p.text) cx.copy16(t_sm + c * N, t_row + j_begin + c * N);
     }
-    cp_async_wait_all();
-    __syncthreads();
+    cx.copy_wait();
+    cx.sync_block();
 
     // 2. Plausibility: the row's max(a) is the max of the CTAs' maxima (exact in any order).
     float max_a = neg_inf();
@@ -1026,10 +1020,10 @@ __global__ void __launch_bounds__(kClusterMaxThreads, 3)
 CAAD_UNROLL
         for (int k = 0; k < N; ++k) m = fmaxf(m, Elem<T>::get(r, k));
       }
-      m = block_max_all(m, max_slots);
-      if (tid == 0) mine.max_a = m;
-      cluster.sync();
-      for (unsigned r = 0; r < K; ++r) max_a = fmaxf(max_a, cluster.map_shared_rank(&mine, r)->max_a);
+      m = cx.block_max(m);
+      if (tid == 0) sh.mine.max_a = m;
+      cx.sync_cluster();
+      for (unsigned r = 0; r < K; ++r) max_a = fmaxf(max_a, cx.remote(&sh.mine, r)->max_a);
     }
     const float threshold = fadd(max_a, p.log_beta_p);
 
@@ -1039,29 +1033,28 @@ CAAD_UNROLL
     for (int64_t c = tid; c < chunks; c += nt) {
       forward_chunk<T, DIV, Load::kShared>(p, s_sm, a_sm, t_sm, c * N, true, threshold, S, bad, infinite);
     }
-    const bool any_bad = __syncthreads_or(static_cast<int>(bad)) != 0;
-    const bool any_infinite = __syncthreads_or(static_cast<int>(infinite)) != 0;
-    const bool hard_sep = p.hard && !p.tau_one;
-    S = block_merge<DIV>(S, state_slots, p.soft, hard_sep);
+    const bool any_bad = cx.any(bad != 0);
+    const bool any_infinite = cx.any(infinite != 0);
+    S = cx.template merge<DIV>(S, p.soft, hard_sep);
     if (tid == 0) {
-      mine.state = S;
-      mine.flags = (any_bad ? 1u : 0u) | (any_infinite ? 2u : 0u);
+      sh.mine.state = S;
+      sh.mine.flags = (any_bad ? 1u : 0u) | (any_infinite ? 2u : 0u);
     }
-    cluster.sync();
+    cx.sync_cluster();
     if (tid == 0) {
       // Fixed rank order in every CTA: the K copies of the row statistics are bitwise equal.
-      FwdState R = cluster.map_shared_rank(&mine, 0u)->state;
-      uint32_t flags = cluster.map_shared_rank(&mine, 0u)->flags;
+      FwdState R = cx.remote(&sh.mine, 0u)->state;
+      uint32_t flags = cx.remote(&sh.mine, 0u)->flags;
       for (unsigned r = 1; r < K; ++r) {
-        const ClusterExchange* o = cluster.map_shared_rank(&mine, r);
+        const ClusterExchange* o = cx.remote(&sh.mine, r);
         R = merge_states<DIV>(R, o->state, p.soft, hard_sep);
         flags |= o->flags;
       }
-      merged = R;
-      row_flags = flags;
+      sh.merged = R;
+      sh.row_flags = flags;
     }
-    __syncthreads();
-    const Norms nm = make_norms(merged);
+    cx.sync_block();
+    const Norms nm = make_norms(sh.merged);
 
     // 4. Generalized JSD: its second pass runs over shared memory, then one more exchange.
     if (DIV == kJSD && p.soft) {
@@ -1069,20 +1062,20 @@ CAAD_UNROLL
       for (int64_t c = tid; c < chunks; c += nt) {
         jsd_chunk<T, Load::kShared>(p, s_sm, a_sm, t_sm, c * N, true, threshold, nm, k2.x, k2.y);
       }
-      k2 = block_sum2(k2, sum_slots);
+      k2 = cx.sum2(k2);
       if (tid == 0) {
-        mine.kl_pm = k2.x;
-        mine.kl_qm = k2.y;
+        sh.mine.kl_pm = k2.x;
+        sh.mine.kl_qm = k2.y;
       }
-      cluster.sync();
+      cx.sync_cluster();
       if (tid == 0) {
         float pm = 0.f, qm = 0.f;
         for (unsigned r = 0; r < K; ++r) {
-          pm += cluster.map_shared_rank(&mine, r)->kl_pm;
-          qm += cluster.map_shared_rank(&mine, r)->kl_qm;
+          pm += cx.remote(&sh.mine, r)->kl_pm;
+          qm += cx.remote(&sh.mine, r)->kl_qm;
         }
-        row_kl[0] = pm;
-        row_kl[1] = qm;
+        sh.row_kl[0] = pm;
+        sh.row_kl[1] = qm;
       }
     }
 
@@ -1092,15 +1085,18 @@ CAAD_UNROLL
       float s_y = 0.f;
       if (p.hard && in_range) s_y = Elem<T>::from_bits(reinterpret_cast<const typename Elem<T>::Bits*>(s_row)[y]);
       const bool jsd = DIV == kJSD && p.soft;
-      finish_row<DIV>(p, merged, nm, (row_flags & 1u) != 0, (row_flags & 2u) != 0, max_a, jsd ? row_kl[0] : 0.f,
-                      jsd ? row_kl[1] : 0.f, in_range, s_y, &row_loss, row_stats);
-      if (rank == 0) p.loss[row] = row_loss;
+      finish_row<DIV>(p, sh.merged, nm, (sh.row_flags & 1u) != 0, (sh.row_flags & 2u) != 0, max_a,
+                      jsd ? sh.row_kl[0] : 0.f, jsd ? sh.row_kl[1] : 0.f, in_range, s_y, &sh.row_loss,
+                      sh.row_stats);
+      if (rank == 0) p.loss[row] = sh.row_loss;
     }
-    __syncthreads();
-    if (rank == 0 && tid < kNumStats) p.stats_out[row * kNumStats + tid] = row_stats[tid];
+    cx.sync_block();
+    if (rank == 0) {
+      for (int64_t k = tid; k < kNumStats; k += nt) p.stats_out[row * kNumStats + k] = sh.row_stats[k];
+    }
 
     // 6. The gradient of this slice, from shared memory. Label positions are slice-relative.
-    BwdRow r = make_bwd_row(p, row_stats, p.grad_rows[row * p.grad_rows_stride], y);
+    BwdRow r = make_bwd_row(p, sh.row_stats, p.grad_rows[row * p.grad_rows_stride], y);
     r.label = y - j_begin;
     for (int64_t c = tid; c < chunks; c += nt) {
       float g[N];
@@ -1108,8 +1104,55 @@ CAAD_UNROLL
       store_chunk<T, N>(g_row, c * N, len, true, g);
     }
     // No CTA may reuse `mine` or its row buffers, or exit, while another still reads them.
-    cluster.sync();
+    cx.sync_cluster();
   }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+struct DeviceClusterCtx {
+  cooperative_groups::cluster_group cluster;
+  FwdState* state_slots;
+  float2* sum_slots;
+  float* max_slots;
+
+  __device__ unsigned rank() const { return cluster.block_rank(); }
+  __device__ unsigned size() const { return cluster.num_blocks(); }
+  __device__ int64_t cluster_id() const { return blockIdx.x / cluster.num_blocks(); }
+  __device__ int64_t clusters() const { return gridDim.x / cluster.num_blocks(); }
+  __device__ int64_t tid() const { return threadIdx.x; }
+  __device__ int64_t threads() const { return blockDim.x; }
+  __device__ void sync_block() const { __syncthreads(); }
+  __device__ void sync_cluster() { cluster.sync(); }
+  __device__ bool any(bool v) const { return __syncthreads_or(v ? 1 : 0) != 0; }
+  __device__ float block_max(float v) const { return block_max_all(v, max_slots); }
+  template <int DIV>
+  __device__ FwdState merge(FwdState v, bool soft, bool hard_sep) const {
+    return block_merge<DIV>(v, state_slots, soft, hard_sep);
+  }
+  __device__ float2 sum2(float2 v) const { return block_sum2(v, sum_slots); }
+  template <class X>
+  __device__ X* remote(X* local, unsigned r) {
+    return cluster.map_shared_rank(local, r);
+  }
+  __device__ void copy16(void* smem, const void* gmem) const {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem) : "memory");
+  }
+  __device__ void copy_wait() const { asm volatile("cp.async.commit_group;\ncp.async.wait_all;\n" ::: "memory"); }
+};
+#endif
+
+template <typename T, int DIV>
+__global__ void __launch_bounds__(kClusterMaxThreads, 3)
+    contrastive_kd_cluster_kernel(const Params p, const int64_t slice) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  extern __shared__ __align__(16) unsigned char row_smem[];
+  __shared__ FwdState state_slots[kMaxWarps];
+  __shared__ float2 sum_slots[kMaxWarps];
+  __shared__ float max_slots[kMaxWarps];
+  __shared__ ClusterCtaShared sh;
+  DeviceClusterCtx cx{cooperative_groups::this_cluster(), state_slots, sum_slots, max_slots};
+  cluster_rows<T, DIV>(p, slice, cx, sh, row_smem);
 #else
   __trap();  // built for an architecture without clusters; the launcher never gets here
 #endif
