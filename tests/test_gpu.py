@@ -176,9 +176,11 @@ SCALAR_CASES = [n for n, c in PARITY_CASES.items() if c.get("reduction") != "non
 @pytest.mark.parametrize("name", SCALAR_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("backend", CANDIDATES)
-def test_grad_in_forward_parity_cuda(backend, dtype, name):
+def test_grad_in_forward_parity_cuda(backend, dtype, name, monkeypatch):
     """V = 4096 (a multiple of every chunk width: the cluster kernel's case) against the oracle."""
     _need(backend)
+    if backend == "cuda" and torch.cuda.get_device_capability()[0] >= 9:
+        monkeypatch.setenv("CAAD_CUDA_CLUSTER", "require")
     s, a, t, labels, opts = make_case(PARITY_CASES[name], 37, 4096, generator=_gen(11), device=DEV, dtype=dtype)
     loss, grad = run_loss(contrastive_kd_loss, s, a, t, labels, grad_output=1.3, backend=backend,
                           grad_in_forward=True, **opts)
@@ -190,7 +192,7 @@ def test_grad_in_forward_parity_cuda(backend, dtype, name):
 
 @pytest.mark.parametrize("V", [8, 4104, 32008, 151936, 4099])
 @pytest.mark.parametrize("backend", FUSED)
-def test_grad_in_forward_shapes_cuda(backend, V):
+def test_grad_in_forward_shapes_cuda(backend, V, monkeypatch):
     """Cluster sizes 1..16 (V = 8 … 151,936; the last slice shorter than the others) and a V that is
     not a multiple of the chunk (4099: the two-kernel fallback); ignored rows and the hard term."""
     _need(backend)
@@ -200,6 +202,8 @@ def test_grad_in_forward_shapes_cuda(backend, V):
     labels = torch.randint(0, V, (N,), generator=g, device=DEV)
     labels[3] = -100
     opts = dict(hard_weight=0.2, plausibility_beta=0.05)
+    if backend == "cuda" and V % 8 == 0 and torch.cuda.get_device_capability()[0] >= 9:
+        monkeypatch.setenv("CAAD_CUDA_CLUSTER", "require")
     loss, grad = run_loss(contrastive_kd_loss, s, a, t, labels, backend=backend, grad_in_forward=True, **opts)
     _, exp_loss, exp_grad = oracle(s, a, t, labels, **opts)
     assert_loss_close(loss, exp_loss, s, a, t)
@@ -212,10 +216,13 @@ def test_grad_in_forward_cluster_vs_two_kernels(dtype, monkeypatch):
     """The cluster kernel and the two-kernel path (CAAD_CUDA_CLUSTER=0) agree, and each is bitwise
     deterministic."""
     _need("cuda")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the cluster kernel needs sm_90")
     N, V = 96, 151936
     g = torch.Generator(device=DEV).manual_seed(13)
     s, a, t = (torch.randn(N, V, generator=g, device=DEV).mul_(3).to(dtype) for _ in range(3))
     opts = dict(backend="cuda", grad_in_forward=True, divergence="jsd", jsd_beta=0.3, plausibility_beta=0.01)
+    monkeypatch.setenv("CAAD_CUDA_CLUSTER", "require")  # an error, not a silent fallback, if it cannot run
     l1, g1 = run_loss(contrastive_kd_loss, s, a, t, **opts)
     l2, g2 = run_loss(contrastive_kd_loss, s, a, t, **opts)
     assert torch.equal(l1, l2) and torch.equal(g1, g2)

@@ -170,11 +170,16 @@ void native_kd_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& s, c
   C10_CUDA_CHECK(cuda::launch_contrastive_kd_backward(args, c10::cuda::getCurrentCUDAStream()));
 }
 
-// CAAD_CUDA_CLUSTER=0 turns the sm_90 single-pass kernel off (to compare it with the
-// two-kernel path, or to rule it out).
-bool cluster_kernel_enabled() {
+// CAAD_CUDA_CLUSTER: "0" turns the sm_90 single-pass kernel off (to compare it with the
+// two-kernel path); "require" makes a case it cannot take an error instead of a fallback
+// (the GPU tests use it to prove the kernel ran); unset or anything else: use it when it can.
+enum class ClusterMode { kOff, kAuto, kRequire };
+
+ClusterMode cluster_mode() {
   const char* v = std::getenv("CAAD_CUDA_CLUSTER");
-  return v == nullptr || std::strcmp(v, "0") != 0;
+  if (v == nullptr) return ClusterMode::kAuto;
+  if (std::strcmp(v, "0") == 0) return ClusterMode::kOff;
+  return std::strcmp(v, "require") == 0 ? ClusterMode::kRequire : ClusterMode::kAuto;
 }
 
 std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cuda(
@@ -197,7 +202,11 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cuda(
                                        hard_weight, t.has_value());
   const bool one_dtype = grad_s.scalar_type() == s.scalar_type() && (!o.soft || a.scalar_type() == s.scalar_type()) &&
                          (!o.use_text || t->scalar_type() == s.scalar_type());
-  if (rows > 0 && vocab > 0 && one_dtype && s.scalar_type() != at::kDouble && cluster_kernel_enabled()) {
+  const ClusterMode mode = cluster_mode();
+  TORCH_CHECK(mode != ClusterMode::kRequire || (rows > 0 && vocab > 0 && one_dtype),
+              "CAAD_CUDA_CLUSTER=require: the single-pass kernel needs one dtype for s, a, t and grad_s and a "
+              "non-empty input");
+  if (rows > 0 && vocab > 0 && one_dtype && s.scalar_type() != at::kDouble && mode != ClusterMode::kOff) {
     const auto f32 = s.options().dtype(at::kFloat);
     auto loss = at::empty({rows}, f32);
     auto stats = at::empty({rows, kNumStats}, f32);
@@ -224,6 +233,10 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cuda(
       C10_CUDA_CHECK(err);
       return {loss, stats};
     }
+    TORCH_CHECK(mode != ClusterMode::kRequire,
+                "CAAD_CUDA_CLUSTER=require: the sm_90 single-pass kernel cannot take this case (needs compute "
+                "capability 9.x and a build with sm_90 code, V a multiple of 16 bytes of entries, 16-byte aligned "
+                "rows, and a row that fits 16 CTAs' shared memory)");
   }
   auto out = native_kd_forward_cuda(s, a, t, labels, alpha, plausibility_beta, temperature, divergence, jsd_beta,
                                     soft_weight, hard_weight, ignore_index);
