@@ -39,8 +39,12 @@ def _torch_reason(device: torch.device) -> str | None:
     return None
 
 
+# Looked up once: torch.compile (torch 2.11) cannot trace importlib.util.find_spec.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _triton_reason(device: torch.device) -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    if not HAS_TRITON:
         return "triton is not installed"
     if device.type == "cuda":
         return None

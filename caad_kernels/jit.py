@@ -41,8 +41,12 @@ def csrc_dir() -> Path:
 
 
 def cuda_buildable() -> bool:
-    """Whether the JIT build includes the CUDA sources."""
+    """Whether the JIT build includes the CUDA sources: a CUDA build of torch, nvcc, and a target
+    architecture — a visible GPU or ``TORCH_CUDA_ARCH_LIST`` (without either, torch's build cannot pick
+    one, and the failed CUDA half would also cost the CPU kernels, e.g. on a GPU-less login node)."""
     if torch.version.cuda is None:
+        return False
+    if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return False
     from torch.utils.cpp_extension import CUDA_HOME
 

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from .dispatch import backend_module
+from .dispatch import HAS_TRITON, backend_module
 from .options import NUM_STATS, KDOptions
 from .reference import compute_dtype
 
@@ -224,7 +224,7 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
     host sync)."""
     if grad.numel() == 0:
         return
-    if grad.device.type == "cuda" and grad.is_contiguous() and _triton_ok():
+    if grad.device.type == "cuda" and grad.is_contiguous() and HAS_TRITON:
         from .triton_kernels.scale import scale_unless_one
 
         scale_unless_one(grad, scale)
@@ -237,12 +237,6 @@ def scale_grad_(grad: Tensor, scale: Tensor) -> None:
 @scale_grad_.register_fake
 def _(grad, scale):
     return None
-
-
-def _triton_ok() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
 
 
 def _setup_fwd_grad(ctx, inputs, output):

@@ -120,13 +120,30 @@ def test_jit_build_is_cached_per_directory(tmp_path):
     env = {**os.environ, "CAAD_EXT_DIR": str(tmp_path)}
     first = _python(LOAD_AND_USE, env)
     assert first.returncode == 0, first.stderr
-    assert "compiling the C++" in first.stderr and "KINDS ['cpu'] jit" in first.stdout
+    kinds = ["cpu", "cuda"] if jit.cuda_buildable() else ["cpu"]  # a CUDA torch with a GPU builds both
+    assert "compiling the C++" in first.stderr and f"KINDS {kinds} jit" in first.stdout
     second = _python(LOAD_AND_USE, env)
     assert second.returncode == 0, second.stderr
     assert "compiling" not in second.stderr, second.stderr  # reused: no second build
     assert "CLOSE True" in second.stdout
-    built = list(tmp_path.glob("*/caad_native.so"))
+    built = list(tmp_path.glob("*/caad_native*.so"))
     assert len(built) == 1, built
+
+
+def test_cuda_sources_need_a_target_architecture(monkeypatch):
+    """A CUDA build of torch with nvcc but no GPU and no TORCH_CUDA_ARCH_LIST (a login node) builds the CPU
+    kernels only: torch could not pick an architecture, and the failed build would cost the CPU kernels too."""
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert jit.cuda_buildable() is False
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    import torch.utils.cpp_extension as cpp_extension
+
+    nvcc = _nvcc()
+    home = None if nvcc is None else str(Path(nvcc).resolve().parent.parent)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", home)
+    assert jit.cuda_buildable() is (home is not None)
 
 
 def test_failed_build_falls_back_with_one_warning(tmp_path):
@@ -157,7 +174,7 @@ def test_cmake_build_and_ctest_of_the_core(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "100% tests passed" in proc.stdout
     if _nvcc() is not None:  # the sm_90 cluster kernel's body, emulated on the CPU, ran and passed
-        assert "caad_cluster_emulation_test" in proc.stdout and "Passed" in proc.stdout
+        assert "caad_kernel_emulation_test" in proc.stdout and "Passed" in proc.stdout
 
 
 @pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")

@@ -46,6 +46,8 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #define CAAD_HD __host__ __device__ __forceinline__
@@ -241,6 +243,16 @@ struct Elem<__half> {
   }
 };
 
+// The host pass of the vector accesses (the CPU emulator of csrc/tests/) checks the
+// alignment a GPU's 128-bit load or store would need, so misaligned chunks are caught
+// there instead of faulting on a GPU.
+inline void host_check_aligned(const void* p, size_t bytes) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes != 0) {
+    std::fprintf(stderr, "caad: misaligned %zu-byte vector access at %p\n", bytes, p);
+    std::abort();
+  }
+}
+
 // Read-only data (forward: s, a, t; backward: a, t) goes through the non-coherent
 // path. The backward's s may be the gradient buffer itself (in-place backward), so it
 // uses a coherent streaming load (ld.global.cs): each chunk is read, then written, by
@@ -255,6 +267,7 @@ CAAD_HD uint4 load16(const void* p) {
   return L == Load::kReadOnly ? __ldg(static_cast<const uint4*>(p)) : __ldcs(static_cast<const uint4*>(p));
 #else
   uint4 u;
+  host_check_aligned(p, sizeof u);
   std::memcpy(&u, p, sizeof u);
   return u;
 #endif
@@ -319,6 +332,7 @@ CAAD_UNROLL
       __stcs(reinterpret_cast<uint2*>(b + j0), make_uint2(w[0], w[1]));
     }
 #else
+    host_check_aligned(b + j0, kBytes);
     std::memcpy(b + j0, w, kBytes);
 #endif
     return;
@@ -823,22 +837,26 @@ CAAD_HD const T* row_ptr(const void* base, int64_t bi, int64_t ti, int64_t sb, i
   return base == nullptr ? nullptr : static_cast<const T*>(base) + (bi * sb + ti * st);
 }
 
-template <typename T, int DIV>
-__global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_forward_kernel(const Params p) {
+// The kernel bodies below are written against an execution context `cx` (one thread's
+// view of its block) so the same code runs on the GPU (DeviceBlockCtx) and in the host
+// emulator of csrc/tests/kernel_emulation_test.cu (std::thread blocks on the CPU).
+// `cx` gives: block()/blocks() (grid-stride over rows), tid()/threads(), sync_block(),
+// any(v) (block OR, every thread), block_max(v) (every thread), merge<DIV>(state, soft,
+// hard_sep) and sum2(v) (block reductions, result in thread 0).
+
+#pragma nv_exec_check_disable
+template <typename T, int DIV, class Ctx>
+CAAD_HD void forward_rows(const Params& p, Ctx& cx, Norms& norms) {
   constexpr int N = Elem<T>::kVec;
-  __shared__ FwdState state_slots[kMaxWarps];
-  __shared__ float2 sum_slots[kMaxWarps];
-  __shared__ float max_slots[kMaxWarps];
-  __shared__ Norms norms;
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t tid = cx.tid(), nt = cx.threads();
   // Rows are independent: a grid-stride loop only matters when N exceeds the grid limit.
-  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+  for (int64_t row = cx.block(); row < p.rows; row += cx.blocks()) {
     const int64_t bi = row / p.rows_per_batch, ti = row - bi * p.rows_per_batch;
     int64_t y = 0;
     if (p.labels != nullptr) y = p.labels[bi * p.l_sb + ti * p.l_st];
     if (p.labels != nullptr && y == p.ignore_index) {  // block-uniform
       if (tid == 0) p.loss[row] = 0.f;
-      if (tid < kNumStats) p.stats_out[row * kNumStats + tid] = 0.f;
+      for (int64_t k = tid; k < kNumStats; k += nt) p.stats_out[row * kNumStats + k] = 0.f;
       continue;
     }
     const T* s_row = row_ptr<T>(p.s, bi, ti, p.s_sb, p.s_st);
@@ -854,7 +872,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_forward_kernel(
 CAAD_UNROLL
         for (int k = 0; k < N; ++k) m = fmaxf(m, Elem<T>::get(r, k));
       }
-      max_a = block_max_all(m, max_slots);
+      max_a = cx.block_max(m);
     }
     const float threshold = fadd(max_a, p.log_beta_p);
 
@@ -863,20 +881,20 @@ CAAD_UNROLL
     for (int64_t c = tid; c < ctx.chunks; c += nt) {
       forward_chunk<T, DIV>(p, s_row, a_row, t_row, c * N - ctx.phase, ctx.vec, threshold, S, bad, infinite);
     }
-    const bool any_bad = __syncthreads_or(static_cast<int>(bad)) != 0;
-    const bool any_infinite = __syncthreads_or(static_cast<int>(infinite)) != 0;
-    S = block_merge<DIV>(S, state_slots, p.soft, p.hard && !p.tau_one);
+    const bool any_bad = cx.any(bad != 0);
+    const bool any_infinite = cx.any(infinite != 0);
+    S = cx.template merge<DIV>(S, p.soft, p.hard && !p.tau_one);
 
     float kl_pm = 0.f, kl_qm = 0.f;
     if (DIV == kJSD && p.soft) {
       if (tid == 0) norms = make_norms(S);
-      __syncthreads();
+      cx.sync_block();
       const Norms nm = norms;
       float2 k2 = make_float2(0.f, 0.f);
       for (int64_t c = tid; c < ctx.chunks; c += nt) {
         jsd_chunk<T>(p, s_row, a_row, t_row, c * N - ctx.phase, ctx.vec, threshold, nm, k2.x, k2.y);
       }
-      k2 = block_sum2(k2, sum_slots);
+      k2 = cx.sum2(k2);
       kl_pm = k2.x;
       kl_qm = k2.y;
     }
@@ -887,16 +905,17 @@ CAAD_UNROLL
       finish_row<DIV>(p, S, make_norms(S), any_bad, any_infinite, max_a, kl_pm, kl_qm, in_range, s_y, p.loss + row,
                       p.stats_out + row * kNumStats);
     }
-    __syncthreads();  // the shared slots are reused by the next row
+    cx.sync_block();  // the shared slots are reused by the next row
   }
 }
 
-template <typename T, typename G, int DIV>
-__global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_backward_kernel(const Params p) {
+#pragma nv_exec_check_disable
+template <typename T, typename G, int DIV, class Ctx>
+CAAD_HD void backward_rows(const Params& p, Ctx& cx) {
   constexpr int N = Elem<T>::kVec;
-  const int tid = threadIdx.x, nt = blockDim.x;
+  const int64_t tid = cx.tid(), nt = cx.threads();
   const float zeros[N] = {};
-  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+  for (int64_t row = cx.block(); row < p.rows; row += cx.blocks()) {
     const int64_t bi = row / p.rows_per_batch, ti = row - bi * p.rows_per_batch;
     G* g_row = static_cast<G*>(p.grad) + (bi * p.g_sb + ti * p.g_st);
     int64_t y = 0;
@@ -922,6 +941,41 @@ __global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_backward_kernel
   }
 }
 
+// One thread's view of its block on the GPU.
+struct DeviceBlockCtx {
+  FwdState* state_slots;
+  float2* sum_slots;
+  float* max_slots;
+
+  __device__ int64_t block() const { return blockIdx.x; }
+  __device__ int64_t blocks() const { return gridDim.x; }
+  __device__ int64_t tid() const { return threadIdx.x; }
+  __device__ int64_t threads() const { return blockDim.x; }
+  __device__ void sync_block() const { __syncthreads(); }
+  __device__ bool any(bool v) const { return __syncthreads_or(v ? 1 : 0) != 0; }
+  __device__ float block_max(float v) const { return block_max_all(v, max_slots); }
+  template <int DIV>
+  __device__ FwdState merge(FwdState v, bool soft, bool hard_sep) const {
+    return block_merge<DIV>(v, state_slots, soft, hard_sep);
+  }
+  __device__ float2 sum2(float2 v) const { return block_sum2(v, sum_slots); }
+};
+
+template <typename T, int DIV>
+__global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_forward_kernel(const Params p) {
+  __shared__ FwdState state_slots[kMaxWarps];
+  __shared__ float2 sum_slots[kMaxWarps];
+  __shared__ float max_slots[kMaxWarps];
+  __shared__ Norms norms;
+  DeviceBlockCtx cx{state_slots, sum_slots, max_slots};
+  forward_rows<T, DIV>(p, cx, norms);
+}
+
+template <typename T, typename G, int DIV>
+__global__ void __launch_bounds__(kMaxThreads, 2) contrastive_kd_backward_kernel(const Params p) {
+  DeviceBlockCtx cx{nullptr, nullptr, nullptr};
+  backward_rows<T, G, DIV>(p, cx);
+}
 
 // ---------------------------------------------------------------------------------
 // sm_90: forward and gradient in one launch, the row held on chip by a thread-block
@@ -964,7 +1018,7 @@ struct ClusterCtaShared {
 
 // The kernel body, one thread's view, written against an execution context `cx` so the
 // same code runs on the GPU (DeviceClusterCtx below) and in the host emulator of
-// csrc/tests/cluster_emulation_test.cu (threads and barriers on the CPU). `cx` gives:
+// csrc/tests/kernel_emulation_test.cu (threads and barriers on the CPU). `cx` gives:
 // rank()/size() in the cluster, cluster_id()/clusters(), tid()/threads(), sync_block(),
 // sync_cluster(), any(v) (block OR, every thread), block_max(v) (every thread),
 // merge<DIV>(state, soft, hard_sep) and sum2(v) (block reductions, result in thread 0),
@@ -1109,27 +1163,14 @@ CAAD_UNROLL
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-struct DeviceClusterCtx {
+struct DeviceClusterCtx : DeviceBlockCtx {
   cooperative_groups::cluster_group cluster;
-  FwdState* state_slots;
-  float2* sum_slots;
-  float* max_slots;
 
   __device__ unsigned rank() const { return cluster.block_rank(); }
   __device__ unsigned size() const { return cluster.num_blocks(); }
   __device__ int64_t cluster_id() const { return blockIdx.x / cluster.num_blocks(); }
   __device__ int64_t clusters() const { return gridDim.x / cluster.num_blocks(); }
-  __device__ int64_t tid() const { return threadIdx.x; }
-  __device__ int64_t threads() const { return blockDim.x; }
-  __device__ void sync_block() const { __syncthreads(); }
   __device__ void sync_cluster() { cluster.sync(); }
-  __device__ bool any(bool v) const { return __syncthreads_or(v ? 1 : 0) != 0; }
-  __device__ float block_max(float v) const { return block_max_all(v, max_slots); }
-  template <int DIV>
-  __device__ FwdState merge(FwdState v, bool soft, bool hard_sep) const {
-    return block_merge<DIV>(v, state_slots, soft, hard_sep);
-  }
-  __device__ float2 sum2(float2 v) const { return block_sum2(v, sum_slots); }
   template <class X>
   __device__ X* remote(X* local, unsigned r) {
     return cluster.map_shared_rank(local, r);
@@ -1151,7 +1192,7 @@ __global__ void __launch_bounds__(kClusterMaxThreads, 3)
   __shared__ float2 sum_slots[kMaxWarps];
   __shared__ float max_slots[kMaxWarps];
   __shared__ ClusterCtaShared sh;
-  DeviceClusterCtx cx{cooperative_groups::this_cluster(), state_slots, sum_slots, max_slots};
+  DeviceClusterCtx cx{{state_slots, sum_slots, max_slots}, cooperative_groups::this_cluster()};
   cluster_rows<T, DIV>(p, slice, cx, sh, row_smem);
 #else
   __trap();  // built for an architecture without clusters; the launcher never gets here

@@ -1,0 +1,542 @@
+// Runs the CUDA kernels' bodies — forward_rows and backward_rows (the two-kernel path) and
+// cluster_rows (the sm_90 single-pass kernel), the exact code the GPU kernels call — on the
+// CPU: every GPU thread is a std::thread, block and cluster barriers are host barriers,
+// the block reductions and the distributed-shared-memory reads are emulated over per-block
+// host memory. Results are compared with the CPU core (csrc/kernel/), row by row: loss,
+// statistics and gradient.
+//
+// What this checks: row addressing and grid-stride loops, the 16-byte chunk phase of each
+// row (padded rows, offset starts, mismatched alignments that take the scalar path),
+// in-place backward, fp32 inputs with 16-bit gradients; for the cluster kernel the slicing
+// of a row over K CTAs (uneven and empty slices), staging, slice-relative labels and the
+// rank-ordered merges; the barrier protocol of both (a count that differed between
+// threads would deadlock here); ignored rows, the special values of SPEC §3, every
+// divergence and option, fp32/bf16/fp16. What it cannot check: warp shuffles, cp.async,
+// the real DSMEM mapping, launch limits, and the GPU's ex2.approx (the host path of
+// fast_exp is used). Built by CMake when a CUDA compiler exists (host code only: it runs
+// without a GPU); `ctest` runs it.
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include "cuda/contrastive_kd_kernels.cu"
+#include "kernel/contrastive_kd.h"
+#include "kernel/options.h"
+
+namespace {
+
+using caad::cuda::detail::ClusterCtaShared;
+using caad::cuda::detail::FwdState;
+using caad::cuda::detail::Params;
+
+int g_passed = 0, g_failed = 0;
+
+void check(bool ok, const std::string& what) {
+  if (ok) {
+    ++g_passed;
+  } else {
+    ++g_failed;
+    if (g_failed <= 40) std::printf("FAILED: %s\n", what.c_str());
+  }
+}
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lock(m_);
+    const long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  long gen_ = 0;
+};
+
+// One emulated block: its barrier, its dynamic shared memory and the scratch of the block
+// reductions (the GPU's shuffle/shared-slot trees; here a fold in thread order).
+struct EmuBlock {
+  ClusterCtaShared sh;
+  caad::cuda::detail::Norms norms;
+  std::vector<uint4> stage;  // 16-byte aligned
+  Barrier bar;
+  std::vector<FwdState> states;
+  std::vector<float> floats;
+  std::vector<float2> pairs;
+  std::vector<int> flags;
+  EmuBlock(int threads, size_t stage_bytes)
+      : stage(stage_bytes / 16 + 1), bar(threads), states(threads), floats(threads), pairs(threads), flags(threads) {}
+};
+
+struct EmuCluster {
+  std::vector<EmuBlock*> ctas;
+  Barrier bar;
+  explicit EmuCluster(int threads) : bar(threads) {}
+};
+
+// One emulated thread's view of its block (the contract of forward_rows / backward_rows).
+struct HostBlockCtx {
+  EmuBlock* blk;
+  int64_t block_, blocks_, tid_, threads_;
+
+  int64_t block() const { return block_; }
+  int64_t blocks() const { return blocks_; }
+  int64_t tid() const { return tid_; }
+  int64_t threads() const { return threads_; }
+  void sync_block() const { blk->bar.wait(); }
+  bool any(bool v) const {
+    blk->flags[tid_] = v ? 1 : 0;
+    blk->bar.wait();
+    bool r = false;
+    for (int f : blk->flags) r = r || f != 0;
+    blk->bar.wait();
+    return r;
+  }
+  float block_max(float v) const {
+    blk->floats[tid_] = v;
+    blk->bar.wait();
+    float m = -std::numeric_limits<float>::infinity();
+    for (float f : blk->floats) m = std::fmax(m, f);
+    blk->bar.wait();
+    return m;
+  }
+  template <int DIV>
+  FwdState merge(FwdState v, bool soft, bool hard_sep) const {
+    blk->states[tid_] = v;
+    blk->bar.wait();
+    FwdState r = v;
+    if (tid_ == 0) {
+      r = blk->states[0];
+      for (int64_t i = 1; i < threads_; ++i) {
+        r = caad::cuda::detail::merge_states<DIV>(r, blk->states[i], soft, hard_sep);
+      }
+    }
+    blk->bar.wait();
+    return r;
+  }
+  float2 sum2(float2 v) const {
+    blk->pairs[tid_] = v;
+    blk->bar.wait();
+    float2 r = v;
+    if (tid_ == 0) {
+      r = make_float2(0.f, 0.f);
+      for (const float2& x : blk->pairs) {
+        r.x += x.x;
+        r.y += x.y;
+      }
+    }
+    blk->bar.wait();
+    return r;
+  }
+};
+
+// ... plus the cluster (the contract of cluster_rows).
+struct HostClusterCtx : HostBlockCtx {
+  EmuCluster* cl;
+  unsigned rank_, size_;
+
+  unsigned rank() const { return rank_; }
+  unsigned size() const { return size_; }
+  int64_t cluster_id() const { return block_; }
+  int64_t clusters() const { return blocks_; }
+  void sync_cluster() const { cl->bar.wait(); }
+  template <class X>
+  X* remote(X* local, unsigned r) const {
+    const auto offset = reinterpret_cast<char*>(local) - reinterpret_cast<char*>(&blk->sh);
+    return reinterpret_cast<X*>(reinterpret_cast<char*>(&cl->ctas[r]->sh) + offset);
+  }
+  void copy16(void* dst, const void* src) const { std::memcpy(dst, src, 16); }
+  void copy_wait() const {}
+};
+
+// The grid, one block (or cluster) at a time; the threads of a block (cluster) run concurrently.
+template <typename T, int DIV>
+void run_cluster_kernel(const Params& p, int K, int64_t slice, int threads, int clusters) {
+  const size_t staged = sizeof(T) * static_cast<size_t>(1 + (p.soft ? 1 : 0) + (p.text ? 1 : 0));
+  for (int cid = 0; cid < clusters; ++cid) {
+    EmuCluster cl(K * threads);
+    std::vector<std::unique_ptr<EmuBlock>> ctas;
+    for (int r = 0; r < K; ++r) {
+      ctas.push_back(std::make_unique<EmuBlock>(threads, static_cast<size_t>(slice) * staged));
+      cl.ctas.push_back(ctas.back().get());
+    }
+    std::vector<std::thread> pool;
+    for (int r = 0; r < K; ++r) {
+      for (int t = 0; t < threads; ++t) {
+        pool.emplace_back([&, r, t] {
+          HostClusterCtx cx{{cl.ctas[r], cid, clusters, t, threads}, &cl, static_cast<unsigned>(r),
+                            static_cast<unsigned>(K)};
+          caad::cuda::detail::cluster_rows<T, DIV>(p, slice, cx, cl.ctas[r]->sh,
+                                                   reinterpret_cast<unsigned char*>(cl.ctas[r]->stage.data()));
+        });
+      }
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+template <class Body>
+void run_blocks(int blocks, int threads, const Body& body) {
+  for (int b = 0; b < blocks; ++b) {
+    EmuBlock blk(threads, 0);
+    std::vector<std::thread> pool;
+    for (int t = 0; t < threads; ++t) {
+      pool.emplace_back([&, t] {
+        HostBlockCtx cx{&blk, b, blocks, t, threads};
+        body(cx, blk);
+      });
+    }
+    for (auto& th : pool) th.join();
+  }
+}
+
+// Element types: storage bits and the conversions of the CPU core's DType.
+template <typename T>
+struct Host;
+template <>
+struct Host<float> {
+  static constexpr caad::DType kType = caad::DType::kFloat32;
+  static float value(float x) { return x; }
+  static float make(float x) { return x; }
+  static constexpr double kTol = 2e-5;
+};
+template <>
+struct Host<__nv_bfloat16> {
+  static constexpr caad::DType kType = caad::DType::kBFloat16;
+  static __nv_bfloat16 make(float x) { return __float2bfloat16_rn(x); }
+  static float value(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static constexpr double kTol = 8e-3;  // two bf16 ulps: both sides round their fp32 gradient once
+};
+template <>
+struct Host<__half> {
+  static constexpr caad::DType kType = caad::DType::kFloat16;
+  static __half make(float x) { return __float2half_rn(x); }
+  static float value(__half x) { return __half2float(x); }
+  static constexpr double kTol = 1e-3;
+};
+
+bool close(double got, double want, double rtol, double atol) {
+  if (std::isnan(want)) return std::isnan(got);
+  if (std::isinf(want)) return got == want;
+  return std::fabs(got - want) <= atol + rtol * std::fabs(want);
+}
+
+
+// The kernel's gradient of one row against the CPU core's float64 path, with SPEC §4's
+// budget: the dtype's rounding, plus 4× the largest error of the CPU core's own fp32 path on
+// this row (the error budget the Python tests use: where fp32 itself cannot reach rtol 1e-5,
+// e.g. a reverse-KL gradient q·(log q − log p − KL) whose KL carries fp32 rounding, the
+// kernel may be as far off as fp32 is, not more).
+template <typename G>
+void check_grad_row(const std::string& where, const G* got, int64_t V, const std::vector<G>& core32,
+                    const std::vector<double>& core64) {
+  using HG = Host<G>;
+  double slack = 0, scale = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    slack = std::fmax(slack, std::fabs(HG::value(core32[j]) - core64[j]));
+    scale = std::fmax(scale, std::fabs(core64[j]));
+  }
+  bool ok = true;
+  double worst = 0;
+  for (int64_t j = 0; j < V; ++j) {
+    const double g = HG::value(got[j]), w = core64[j];
+    const double err = std::fabs(g - w);
+    worst = std::fmax(worst, err);
+    const bool fine = err <= HG::kTol * std::fabs(w) + 1e-6 * scale + 4 * slack + 1e-7;
+    if (!fine && std::getenv("EMU_VERBOSE") != nullptr) {
+      std::printf("  j=%lld got %g want %g (fp32 core %g)\n", static_cast<long long>(j), g, w,
+                  static_cast<double>(HG::value(core32[j])));
+    }
+    ok = ok && fine;
+  }
+  check(ok, where + " grad, worst abs error " + std::to_string(worst) + ", fp32 core's " + std::to_string(slack));
+}
+
+struct Opts {
+  const char* name;
+  double alpha, beta_p, tau, jsd_beta, w_soft, w_hard;
+  bool text;
+};
+
+template <typename T, int DIV>
+void run_case(const Opts& o, int64_t V, int K, int threads, uint32_t seed) {
+  using H = Host<T>;
+  constexpr int N = caad::cuda::detail::Elem<T>::kVec;
+  const int64_t rows = 7, stride = V + 2 * N;  // padded rows: the row stride is not V
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.f, 3.f);
+  std::vector<T> s(rows * stride), a(rows * stride), t(rows * stride);
+  for (int64_t i = 0; i < rows * stride; ++i) {
+    s[i] = H::make(normal(gen));
+    a[i] = H::make(normal(gen));
+    t[i] = H::make(normal(gen));
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<int64_t> labels(rows);
+  for (int64_t n = 0; n < rows; ++n) labels[n] = static_cast<int64_t>(gen() % V);
+  labels[2] = -100;                                            // ignored
+  if (V > 1) labels[3] = V - 1;                                // the last slice's last entry
+  a[4 * stride + V / 2] = H::make(-inf);                       // an impossible token (t is irrelevant there)
+  t[4 * stride + V / 2] = H::make(std::nanf(""));
+  if (V > 3) s[5 * stride + 1] = H::make(-inf);                // s = -inf where p > 0: infinite forward KL
+  if (V > 5) a[6 * stride + V - 2] = H::make(std::nanf(""));   // NaN in a: a NaN row
+  std::vector<float> grad_rows(rows);
+  for (int64_t n = 0; n < rows; ++n) grad_rows[n] = 0.25f + 0.5f * static_cast<float>(n);
+
+  const caad::KernelOptions ko = caad::make_options(o.alpha, o.beta_p, o.tau, DIV, o.jsd_beta, o.w_soft, o.w_hard,
+                                                    o.text);
+  caad::cuda::RowTensor rs{s.data(), 0, stride, H::kType}, ra{a.data(), 0, stride, H::kType},
+      rt{t.data(), 0, stride, H::kType};
+  caad::cuda::LabelView lv{labels.data(), 0, 1};
+  Params p = caad::cuda::detail::make_params(rs, ra, rt, lv, rows, rows, V, ko, -100);
+  std::vector<float> loss(rows, -1.f), stats(rows * caad::kNumStats, -1.f);
+  std::vector<T> grad(rows * stride, H::make(12345.f));
+  p.loss = loss.data();
+  p.stats_out = stats.data();
+  p.grad = grad.data();
+  p.g_sb = 0;
+  p.g_st = stride;
+  p.grad_rows = grad_rows.data();
+  p.grad_rows_stride = 1;
+  const int64_t per_cta = (V + K - 1) / K;
+  const int64_t slice = (per_cta + N - 1) / N * N;
+  run_cluster_kernel<T, DIV>(p, K, slice, threads, /*clusters=*/2);
+
+  const std::string tag = std::string(o.name) + " div=" + std::to_string(DIV) + " V=" + std::to_string(V) +
+                          " K=" + std::to_string(K) + " dtype=" + std::to_string(static_cast<int>(H::kType));
+  for (int64_t n = 0; n < rows; ++n) {
+    const std::string where = tag + " row=" + std::to_string(n);
+    std::vector<T> want_grad(V);
+    std::vector<double> want64(V, 0.0);
+    float want_stats[caad::kNumStats] = {};
+    double stats64[caad::kNumStats] = {};
+    float want_loss = 0.f;
+    if (labels[n] == -100) {
+      caad::zero_row(want_grad.data(), H::kType, V);
+    } else {
+      const caad::Row row_s{&s[n * stride], H::kType}, row_a{&a[n * stride], H::kType},
+          row_t{&t[n * stride], H::kType};
+      want_loss = caad::forward_row(row_s, row_a, row_t, V, labels[n], ko, want_stats);
+      caad::backward_row(grad_rows[n], row_s, row_a, row_t, V, labels[n], ko, want_stats, want_grad.data(),
+                         H::kType);
+      caad::forward_row(row_s, row_a, row_t, V, labels[n], ko, stats64);
+      caad::backward_row(static_cast<double>(grad_rows[n]), row_s, row_a, row_t, V, labels[n], ko, stats64,
+                         want64.data(), caad::DType::kFloat64);
+    }
+    check(close(loss[n], want_loss, 2e-5, 2e-6), where + " loss " + std::to_string(loss[n]) + " vs " +
+                                                     std::to_string(want_loss));
+    if (labels[n] != -100 && std::isfinite(want_loss)) {
+      // The statistics the gradient reads under these options (the others are don't-cares).
+      std::vector<int> exact = {caad::kMaxS}, logs = {caad::kLogSumS};
+      if (ko.soft) exact.push_back(caad::kMaxZ), logs.push_back(caad::kLogSumZ);
+      if (ko.hard) exact.push_back(caad::kMaxH), logs.push_back(caad::kLogSumH);
+      if (ko.plausibility) exact.push_back(caad::kMaxA);
+      if (ko.soft && DIV != caad::kForwardKL) logs.push_back(caad::kDivAux);
+      for (int k : exact) {
+        check(close(stats[n * caad::kNumStats + k], want_stats[k], 1e-6, 0), where + " stat " + std::to_string(k));
+      }
+      for (int k : logs) {
+        check(close(stats[n * caad::kNumStats + k], want_stats[k], 1e-5, 1e-6),
+              where + " stat " + std::to_string(k) + " " + std::to_string(stats[n * caad::kNumStats + k]) + " vs " +
+                  std::to_string(want_stats[k]));
+      }
+    }
+    if (!std::isfinite(want_loss)) continue;  // a NaN/inf row's gradient is unspecified beyond "not silent"
+    check_grad_row<T>(where, &grad[n * stride], V, want_grad, want64);
+    // The padding after the row is never written.
+    bool untouched = true;
+    for (int64_t j = V; j < stride && n * stride + j < static_cast<int64_t>(grad.size()); ++j) {
+      untouched = untouched && H::value(grad[n * stride + j]) == H::value(H::make(12345.f));
+    }
+    check(untouched, where + " padding untouched");
+  }
+}
+
+const Opts kOpts[] = {
+    {"default", 1.0, 0.0, 1.0, 0.5, 1.0, 0.0, true},
+    {"plaus_tau2_hard", 0.5, 0.1, 2.0, 0.3, 0.8, 0.3, true},
+    {"alpha0", 0.0, 0.0, 1.0, 0.5, 1.0, 0.0, false},
+    {"hard_only", 1.0, 0.0, 1.0, 0.5, 0.0, 1.0, true},
+    {"hard_tau1", 2.0, 0.05, 1.0, 0.7, 1.0, 0.5, true},
+};
+
+template <typename T>
+void run_type(uint32_t seed) {
+  constexpr int N = caad::cuda::detail::Elem<T>::kVec;
+  struct Shape {
+    int64_t V;
+    int K, threads;
+  };
+  // V = N: one chunk; 25·N over 4 CTAs: uneven slices; 2·N over 4: two empty slices;
+  // 67·N over 3 with 8 threads: several chunks per thread.
+  const Shape shapes[] = {{N, 1, 4}, {25 * N, 4, 8}, {2 * N, 4, 4}, {67 * N, 3, 8}, {40 * N, 2, 32}};
+  for (const Opts& o : kOpts) {
+    for (const Shape& sh : shapes) {
+      run_case<T, caad::kForwardKL>(o, sh.V, sh.K, sh.threads, seed++);
+      run_case<T, caad::kReverseKL>(o, sh.V, sh.K, sh.threads, seed++);
+      run_case<T, caad::kJSD>(o, sh.V, sh.K, sh.threads, seed++);
+    }
+  }
+}
+
+
+// The two-kernel path: forward_rows then backward_rows over a [B, T, V] view whose rows
+// start at `offset` elements past a 16-byte boundary and are `pad` elements apart beyond V,
+// so the rows' chunk phases differ; `a_offset` != `offset` makes the tensors disagree in
+// alignment (the scalar path). `inplace`: the gradient overwrites a copy of s.
+template <typename T, typename G, int DIV>
+void run_block_case(const Opts& o, int64_t V, int64_t offset, int64_t a_offset, int64_t pad, bool inplace, int threads,
+                    int blocks, uint32_t seed) {
+  using H = Host<T>;
+  using HG = Host<G>;
+  const int64_t B = 2, T_ = 4, rows = B * T_, st = V + pad, sb = T_ * st + 5;
+  const size_t size = static_cast<size_t>(B * sb + 16);
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> normal(0.f, 3.f);
+  std::vector<T> sbuf(size), abuf(size), tbuf(size);
+  for (size_t i = 0; i < size; ++i) {
+    sbuf[i] = H::make(normal(gen));
+    abuf[i] = H::make(normal(gen));
+    tbuf[i] = H::make(normal(gen));
+  }
+  T* s0 = sbuf.data() + offset;
+  T* a0 = abuf.data() + a_offset;
+  T* t0 = tbuf.data() + offset;
+  auto at = [&](int64_t n) { return (n / T_) * sb + (n % T_) * st; };
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<int64_t> labels(rows);
+  for (int64_t n = 0; n < rows; ++n) labels[n] = static_cast<int64_t>(gen() % V);
+  labels[2] = -100;
+  if (V > 1) labels[3] = V - 1;
+  a0[at(4) + V / 2] = H::make(-inf);
+  t0[at(4) + V / 2] = H::make(std::nanf(""));
+  if (V > 3) s0[at(5) + 1] = H::make(-inf);
+  if (V > 5) a0[at(6) + V - 2] = H::make(std::nanf(""));
+  std::vector<float> grad_rows(rows);
+  for (int64_t n = 0; n < rows; ++n) grad_rows[n] = 0.25f + 0.5f * static_cast<float>(n);
+
+  const caad::KernelOptions ko = caad::make_options(o.alpha, o.beta_p, o.tau, DIV, o.jsd_beta, o.w_soft, o.w_hard,
+                                                    o.text);
+  caad::cuda::RowTensor rs{s0, sb, st, H::kType}, ra{a0, sb, st, H::kType}, rt{t0, sb, st, H::kType};
+  caad::cuda::LabelView lv{labels.data(), T_, 1};
+  Params p = caad::cuda::detail::make_params(rs, ra, rt, lv, rows, T_, V, ko, -100);
+  std::vector<float> loss(rows, -1.f), stats(rows * caad::kNumStats, -1.f);
+  p.loss = loss.data();
+  p.stats_out = stats.data();
+  run_blocks(blocks, threads, [&](HostBlockCtx& cx, EmuBlock& blk) {
+    caad::cuda::detail::forward_rows<T, DIV>(p, cx, blk.norms);
+  });
+
+  // Backward: into a separate buffer laid out like s, or over a copy of s (in place).
+  std::vector<G> gbuf(size, HG::make(12345.f));
+  std::vector<T> s_copy(sbuf);
+  G* g0 = reinterpret_cast<G*>(inplace ? static_cast<void*>(s_copy.data() + offset)
+                                       : static_cast<void*>(gbuf.data() + offset));
+  if (inplace) p.s = s_copy.data() + offset;
+  p.grad = g0;
+  p.g_sb = sb;
+  p.g_st = st;
+  p.stats_in = stats.data();
+  p.grad_rows = grad_rows.data();
+  p.grad_rows_stride = 1;
+  run_blocks(blocks, threads, [&](HostBlockCtx& cx, EmuBlock&) {
+    caad::cuda::detail::backward_rows<T, G, DIV>(p, cx);
+  });
+
+  const std::string tag = std::string("block ") + o.name + " div=" + std::to_string(DIV) + " V=" +
+                          std::to_string(V) + " offset=" + std::to_string(offset) + "/" + std::to_string(a_offset) +
+                          " pad=" + std::to_string(pad) + (inplace ? " inplace" : "") +
+                          " dtype=" + std::to_string(static_cast<int>(H::kType)) + "/" +
+                          std::to_string(static_cast<int>(HG::kType));
+  for (int64_t n = 0; n < rows; ++n) {
+    const std::string where = tag + " row=" + std::to_string(n);
+    std::vector<G> want_grad(V);
+    std::vector<double> want64(V, 0.0);
+    float want_stats[caad::kNumStats] = {};
+    double stats64[caad::kNumStats] = {};
+    float want_loss = 0.f;
+    if (labels[n] == -100) {
+      caad::zero_row(want_grad.data(), HG::kType, V);
+    } else {
+      const caad::Row row_s{s0 + at(n), H::kType}, row_a{a0 + at(n), H::kType}, row_t{t0 + at(n), H::kType};
+      want_loss = caad::forward_row(row_s, row_a, row_t, V, labels[n], ko, want_stats);
+      caad::backward_row(grad_rows[n], row_s, row_a, row_t, V, labels[n], ko, want_stats, want_grad.data(),
+                         HG::kType);
+      caad::forward_row(row_s, row_a, row_t, V, labels[n], ko, stats64);
+      caad::backward_row(static_cast<double>(grad_rows[n]), row_s, row_a, row_t, V, labels[n], ko, stats64,
+                         want64.data(), caad::DType::kFloat64);
+    }
+    check(close(loss[n], want_loss, 2e-5, 2e-6), where + " loss " + std::to_string(loss[n]) + " vs " +
+                                                     std::to_string(want_loss));
+    if (!std::isfinite(want_loss)) continue;
+    check_grad_row<G>(where, g0 + at(n), V, want_grad, want64);
+  }
+  if (!inplace) {  // nothing outside the rows was written
+    bool untouched = true;
+    std::vector<bool> in_row(size, false);
+    for (int64_t n = 0; n < rows; ++n) {
+      for (int64_t j = 0; j < V; ++j) in_row[offset + at(n) + j] = true;
+    }
+    for (size_t i = 0; i < size; ++i) {
+      if (!in_row[i]) untouched = untouched && HG::value(gbuf[i]) == HG::value(HG::make(12345.f));
+    }
+    check(untouched, tag + " gradient written only inside the rows");
+  }
+}
+
+template <typename T, typename G>
+void run_block_type(uint32_t seed) {
+  struct Layout {
+    int64_t V, offset, a_offset, pad;
+    bool inplace;
+    int threads, blocks;
+  };
+  const Layout layouts[] = {
+      {1, 0, 0, 0, false, 4, 3},     {7, 1, 1, 3, false, 4, 8},     {203, 0, 0, 0, false, 8, 3},
+      {203, 3, 3, 5, true, 8, 8},    {203, 1, 2, 1, false, 8, 5},   {640, 2, 2, 3, false, 32, 2},
+      {640, 0, 0, 0, true, 32, 8},
+  };
+  for (const Opts& o : kOpts) {
+    for (const Layout& l : layouts) {
+      if (l.inplace && !std::is_same<T, G>::value) continue;
+      run_block_case<T, G, caad::kForwardKL>(o, l.V, l.offset, l.a_offset, l.pad, l.inplace, l.threads, l.blocks,
+                                             seed++);
+      run_block_case<T, G, caad::kReverseKL>(o, l.V, l.offset, l.a_offset, l.pad, l.inplace, l.threads, l.blocks,
+                                             seed++);
+      run_block_case<T, G, caad::kJSD>(o, l.V, l.offset, l.a_offset, l.pad, l.inplace, l.threads, l.blocks, seed++);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  run_block_type<float, float>(100);
+  run_block_type<__nv_bfloat16, __nv_bfloat16>(200);
+  run_block_type<__half, __half>(300);
+  run_block_type<float, __nv_bfloat16>(400);
+  run_type<float>(1);
+  run_type<__nv_bfloat16>(1000);
+  run_type<__half>(2000);
+  std::printf("kernel emulation: %d passed, %d failed\n", g_passed, g_failed);
+  return g_failed == 0 ? 0 : 1;
+}
