@@ -44,6 +44,9 @@
 #include <cuda_runtime.h>
 
 #include <climits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -1338,13 +1341,6 @@ cudaError_t launch_cluster_t(const Params& p, cudaStream_t stream) {
   const size_t limit = static_cast<size_t>(optin) > fa.sharedSizeBytes ? optin - fa.sharedSizeBytes : 0;
   ClusterPlan plan;
   if (!plan_cluster(p.vocab, N, staged, limit, plan)) return cudaErrorNotSupported;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)) !=
-      cudaSuccess) {
-    return cudaErrorNotSupported;
-  }
-  if (plan.k > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
-    return cudaErrorNotSupported;
-  }
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(plan.k);
@@ -1359,9 +1355,27 @@ cudaError_t launch_cluster_t(const Params& p, cudaStream_t stream) {
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  int active = 0;
-  if (cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) != cudaSuccess || active < 1) {
+  // The shared-memory attribute is set on every launch (plans of different V need different
+  // sizes); the occupancy answer is cached per (device, kernel, plan): it is a host-side
+  // computation worth skipping on every training step.
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem)) !=
+      cudaSuccess) {
     return cudaErrorNotSupported;
+  }
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, size_t, int, int>, bool> schedulable;
+  const auto key = std::make_tuple(dev, reinterpret_cast<const void*>(kernel), plan.smem, plan.k, plan.threads);
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    auto it = schedulable.find(key);
+    if (it == schedulable.end()) {
+      bool ok = plan.k <= 8 ||
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+      int active = 0;
+      ok = ok && cudaOccupancyMaxActiveClusters(&active, kernel, &cfg) == cudaSuccess && active >= 1;
+      it = schedulable.emplace(key, ok).first;
+    }
+    if (!it->second) return cudaErrorNotSupported;
   }
   return cudaLaunchKernelEx(&cfg, kernel, p, plan.slice);
 }
