@@ -123,21 +123,28 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_cuda(
   return {loss, stats};
 }
 
+// The checks shared by the ops that write a gradient.
+void check_gradient_inputs(const at::Tensor& grad_rows, const at::Tensor& s, const at::Tensor& a,
+                           const std::optional<at::Tensor>& t, const at::Tensor& grad_s) {
+  check_rows(s, s, "s");
+  check_rows(a, s, "a");
+  if (t.has_value()) check_rows(*t, s, "t");
+  check_rows(grad_s, s, "grad_s");
+  const int64_t rows = s.size(0) * s.size(1);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N] = [", rows, "], got ",
+              grad_rows.sizes());
+  TORCH_CHECK(grad_rows.device() == s.device(), "grad_rows must be on ", s.device(), " like s, got ",
+              grad_rows.device());
+}
+
 void native_kd_backward_cuda(const at::Tensor& grad_rows, const at::Tensor& s, const at::Tensor& a,
                              const std::optional<at::Tensor>& t, const std::optional<at::Tensor>& labels,
                              const at::Tensor& stats, double alpha, double plausibility_beta, double temperature,
                              int64_t divergence, double jsd_beta, double soft_weight, double hard_weight,
                              int64_t ignore_index, const at::Tensor& grad_s) {
-  check_rows(s, s, "s");
-  check_rows(a, s, "a");
-  if (t.has_value()) check_rows(*t, s, "t");
-  check_rows(grad_s, s, "grad_s");
+  check_gradient_inputs(grad_rows, s, a, t, grad_s);
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N] = [", rows, "], got ",
-              grad_rows.sizes());
-  TORCH_CHECK(grad_rows.device() == s.device(), "grad_rows must be on ", s.device(), " like s, got ",
-              grad_rows.device());
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == kNumStats &&
                   stats.scalar_type() == at::kFloat && stats.is_contiguous() && stats.device() == s.device(),
               "stats must be a contiguous float32 [N, ", static_cast<int>(kNumStats),
@@ -187,16 +194,9 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cuda(
     const std::optional<at::Tensor>& labels, double alpha, double plausibility_beta, double temperature,
     int64_t divergence, double jsd_beta, double soft_weight, double hard_weight, int64_t ignore_index,
     const at::Tensor& grad_s) {
-  check_rows(s, s, "s");
-  check_rows(a, s, "a");
-  if (t.has_value()) check_rows(*t, s, "t");
-  check_rows(grad_s, s, "grad_s");
+  check_gradient_inputs(grad_rows, s, a, t, grad_s);
   const c10::cuda::CUDAGuard guard(s.device());
   const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
-  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N] = [", rows, "], got ",
-              grad_rows.sizes());
-  TORCH_CHECK(grad_rows.device() == s.device(), "grad_rows must be on ", s.device(), " like s, got ",
-              grad_rows.device());
   TORCH_CHECK(!grad_s.is_same(s) && grad_s.data_ptr() != s.data_ptr(), "grad_s must not alias s");
   const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
                                        hard_weight, t.has_value());
