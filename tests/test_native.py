@@ -192,6 +192,29 @@ def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
     assert not spills, spills
 
 
+@pytest.mark.skipif(_nvcc() is None, reason="nvcc is not installed")
+def test_cuda_binding_compiles_against_this_torch(tmp_path):
+    """Compile-only: the CUDA ops' torch binding (host C++) against the installed torch's headers."""
+    from torch.utils.cpp_extension import include_paths
+
+    candidates = [Path(_nvcc()).resolve().parent.parent / "include", Path("/usr/local/cuda/include")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.insert(0, Path(os.environ["CUDA_HOME"]) / "include")
+    cuda_include = next((c for c in candidates if (c / "cuda_runtime.h").exists()), None)
+    if cuda_include is None:
+        pytest.skip("no CUDA runtime headers beside nvcc")
+    cmd = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-I", str(ROOT / "csrc"),
+           "-I", str(cuda_include), "-D_GLIBCXX_USE_CXX11_ABI=" + str(int(torch._C._GLIBCXX_USE_CXX11_ABI)),
+           # A CPU-only torch wheel ships c10/cuda headers without their generated config header.
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", str(ROOT / "csrc/cuda/contrastive_kd_cuda.cpp")]
+    for inc in include_paths():
+        cmd[2:2] = ["-isystem", inc]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    own_warnings = [x for x in proc.stderr.splitlines() if "contrastive_kd_cuda.cpp:" in x and "warning" in x]
+    assert not own_warnings, own_warnings
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_backend_matches_the_cpu_kernel():
     if "cuda" not in jit.load():
