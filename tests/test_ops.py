@@ -113,11 +113,12 @@ def test_triton_scale_unless_one(dtype):
     scaled otherwise, across several grid-stride iterations and a ragged tail."""
     from caad_kernels.triton_kernels.scale import scale_unless_one
 
-    x = torch.randn(5, 7001).to(dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: conftest set TRITON_INTERPRET=1
+    x = torch.randn(5, 7001, device=dev).to(dtype)
     before = x.clone()
-    scale_unless_one(x, torch.tensor(1.0))
+    scale_unless_one(x, torch.tensor(1.0, device=dev))
     assert torch.equal(x, before)
-    scale_unless_one(x, torch.tensor(0.37))
+    scale_unless_one(x, torch.tensor(0.37, device=dev))
     assert torch.equal(x, (before.float() * 0.37).to(dtype))
 
 
