@@ -249,3 +249,16 @@ def test_grad_in_forward_64bit_indexing(backend):
     pick = torch.tensor([0, 14133, 14134, 14135, N - 1], device=DEV)
     _, _, exp_grad = oracle(s[pick], a[pick], t[pick], None, reduction="sum")
     assert_grad_close(sl.grad[pick], exp_grad, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_scale_grad_on_device(dtype):
+    """grad_in_forward's backward on CUDA: untouched at an upstream of exactly 1 (decided on the device),
+    scaled otherwise, for a tensor larger than one grid-stride sweep."""
+    x = torch.randn(3, 700_001, device=DEV).to(dtype)
+    before = x.clone()
+    torch.ops.caad.scale_grad_(x, torch.tensor(1.0, device=DEV))
+    assert torch.equal(x, before)
+    torch.ops.caad.scale_grad_(x, torch.tensor(-0.3, device=DEV))
+    torch.testing.assert_close(x, (before.float() * -0.3).to(dtype), rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.caad.scale_grad_.default, (x, torch.tensor(2.0, device=DEV)))
