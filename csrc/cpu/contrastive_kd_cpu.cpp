@@ -5,12 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <cstdint>
 #include <optional>
-
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "../kernel/contrastive_kd.h"
 #include "../kernel/options.h"
@@ -26,24 +21,6 @@ DType kernel_dtype(const at::Tensor& x, const char* name) {
     case at::kDouble: return DType::kFloat64;
     default: TORCH_CHECK(false, name, " must be float32, bfloat16, float16 or float64, got ", x.scalar_type());
   }
-}
-
-// Asks Linux to back a gradient buffer with transparent huge pages before it is first
-// touched. A new [N, V] allocation is otherwise faulted in (and zeroed) 4 KiB at a time
-// while the kernel writes it: measured here at about a quarter of the backward's time
-// (N = 2048, V = 32,000 fp32). Advisory: where THP is off or the call fails, nothing
-// changes. Only whole 2 MiB pages inside the buffer are advised.
-void advise_huge_pages(const at::Tensor& x) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto bytes = static_cast<uintptr_t>(x.nbytes());
-  if (bytes < 2 * kHuge) return;
-  const auto start = reinterpret_cast<uintptr_t>(x.data_ptr());
-  const uintptr_t begin = (start + kHuge - 1) & ~(kHuge - 1), end = (start + bytes) & ~(kHuge - 1);
-  if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)x;
-#endif
 }
 
 void check_rows(const at::Tensor& x, const at::Tensor& s, const char* name) {
@@ -178,7 +155,6 @@ void native_kd_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& s, co
   const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
                                        hard_weight, t.has_value());
   const at::Tensor up = grad_rows.to(acc);
-  if (grad_s.is_contiguous() && grad_s.data_ptr() != s.data_ptr()) advise_huge_pages(grad_s);
   const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t"), gv(grad_s, "grad_s");
   const Labels lab(labels, s);
   if (dbl) {
