@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from .dispatch import BACKEND_NAMES, backend_module, resolve_backend
 from .loss import _check_num_items
 from .options import REDUCTIONS, KDOptions
+from .reference import reduction_divisor
 
 # Bytes of logits (student + teacher chunk) a chunk may hold when chunk_size is not given.
 CHUNK_BUDGET_BYTES = {"cuda": 768 << 20, "cpu": 128 << 20}
@@ -187,14 +188,7 @@ def _chunk_pass(plan: _Plan, upstream: Tensor | None, need: tuple[bool, bool, bo
 
 def _row_scale(labels: Tensor | None, n: int, reduction: str, ignore_index: int, num_items, device, dtype) -> Tensor:
     """d(reduced loss)/d(row loss) for mean/sum, on device (no host sync)."""
-    if reduction == "sum":
-        return torch.ones(n, dtype=dtype, device=device)
-    if num_items is not None:
-        divisor = num_items.to(device=device, dtype=dtype) if isinstance(num_items, Tensor) else float(num_items)
-    elif labels is None:
-        divisor = float(max(n, 1))
-    else:
-        divisor = (labels != ignore_index).sum().clamp_min(1).to(dtype)
+    divisor = reduction_divisor(labels, n, reduction, ignore_index, num_items, dtype=dtype, device=device)
     return torch.ones(n, dtype=dtype, device=device) / divisor
 
 

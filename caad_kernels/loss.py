@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .dispatch import BACKEND_NAMES, resolve_backend
 from .options import REDUCTIONS, KDOptions
-from .reference import reduce_rows
+from .reference import reduce_rows, reduction_divisor
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -106,19 +106,6 @@ def _check_grad_in_forward(grad_in_forward: object, reduction: str, inplace_back
                          "would overwrite student_logits during the forward, before anything else reads them")
 
 
-def _divisor(s: Tensor, labels: Tensor | None, opts: KDOptions, reduction: str,
-             num_items_in_batch: int | Tensor | None, used: list[Tensor]) -> Tensor:
-    """The reduction's divisor as a 0-dim tensor of the loss dtype on s's device (device ops, no host sync)."""
-    dtype = torch.float64 if any(x.dtype == torch.float64 for x in used) else torch.float32
-    if reduction == "sum":
-        return torch.ones((), dtype=dtype, device=s.device)
-    if num_items_in_batch is not None:
-        return torch.as_tensor(num_items_in_batch, device=s.device).to(dtype)
-    if labels is None:
-        return torch.full((), max(s.numel() // s.shape[-1], 1), dtype=dtype, device=s.device)
-    return (labels != opts.ignore_index).sum().clamp_min(1).to(dtype)
-
-
 def _contrastive_kd(
     student_logits: Tensor,
     teacher_audio_logits: Tensor,
@@ -154,7 +141,9 @@ def _contrastive_kd(
     name = resolve_backend(backend, s.device, float64=any(x.dtype == torch.float64 for x in used))
 
     if grad_in_forward and torch.is_grad_enabled() and s.requires_grad:
-        divisor = _divisor(s, labels, opts, reduction, num_items_in_batch, used)
+        dtype = torch.float64 if any(x.dtype == torch.float64 for x in used) else torch.float32
+        divisor = reduction_divisor(labels, s.numel() // s.shape[-1], reduction, opts.ignore_index,
+                                    num_items_in_batch, dtype=dtype, device=s.device)
         loss, _ = torch.ops.caad.contrastive_kd_fwd_grad(
             s, a, t, labels, divisor,
             opts.alpha, opts.plausibility_beta, opts.temperature, opts.divergence, opts.jsd_beta,

@@ -198,6 +198,27 @@ def row_loss_grads(
     return torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad))
 
 
+def reduction_divisor(
+    labels: torch.Tensor | None,
+    n_rows: int,
+    reduction: str,
+    ignore_index: int,
+    num_items_in_batch: int | torch.Tensor | None,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """SPEC §2's divisor of a reduced loss as a 0-dim ``dtype`` tensor (device ops only, no host sync):
+    1 for ``sum``; for ``mean`` ``num_items_in_batch`` when given, else the valid-row count (at least 1)."""
+    if reduction == "sum":
+        return torch.ones((), dtype=dtype, device=device)
+    if num_items_in_batch is not None:
+        return torch.as_tensor(num_items_in_batch, device=device).to(dtype)
+    if labels is None:
+        return torch.full((), max(n_rows, 1), dtype=dtype, device=device)
+    return (labels != ignore_index).sum().clamp_min(1).to(dtype)
+
+
 def reduce_rows(
     rows: torch.Tensor,
     labels: torch.Tensor | None,
@@ -208,16 +229,8 @@ def reduce_rows(
     """Apply SPEC §2's reduction to per-row losses ``[N]`` (device ops only, no host sync)."""
     if reduction == "none":
         return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(device=total.device)
-        return total / num_items_in_batch
-    if labels is None:
-        return total / max(rows.numel(), 1)
-    return total / (labels != ignore_index).sum().clamp_min(1)
+    return rows.sum() / reduction_divisor(labels, rows.numel(), reduction, ignore_index, num_items_in_batch,
+                                          dtype=rows.dtype, device=rows.device)
 
 
 def contrastive_kd_reference(
