@@ -89,6 +89,24 @@ struct Labels {
   }
 };
 
+// The forward's launch arguments: inputs of one dtype, fp32 loss [N] and stats [N, kNumStats].
+cuda::ForwardArgs forward_args(const Inputs& in, const Labels& lab, const KernelOptions& o, int64_t ignore_index,
+                               at::Tensor& loss, at::Tensor& stats) {
+  cuda::ForwardArgs args;
+  args.s = row_tensor(in.s);
+  args.a = row_tensor(in.a);
+  if (in.t.defined()) args.t = row_tensor(in.t);
+  args.labels = lab.view;
+  args.rows = in.s.size(0) * in.s.size(1);
+  args.rows_per_batch = in.s.size(1);
+  args.vocab = in.s.size(2);
+  args.opts = o;
+  args.ignore_index = ignore_index;
+  args.loss = loss.data_ptr<float>();
+  args.stats = stats.data_ptr<float>();
+  return args;
+}
+
 std::tuple<at::Tensor, at::Tensor> native_kd_forward_cuda(
     const at::Tensor& s, const at::Tensor& a, const std::optional<at::Tensor>& t,
     const std::optional<at::Tensor>& labels, double alpha, double plausibility_beta, double temperature,
@@ -97,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_cuda(
   check_rows(a, s, "a");
   if (t.has_value()) check_rows(*t, s, "t");
   const c10::cuda::CUDAGuard guard(s.device());
-  const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
+  const int64_t rows = s.size(0) * s.size(1);
   const auto f32 = s.options().dtype(at::kFloat);
   auto loss = at::empty({rows}, f32);
   auto stats = at::empty({rows, kNumStats}, f32);
@@ -106,19 +124,7 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_cuda(
   const Labels lab(labels, s);
   if (rows == 0) return {loss, stats};
   const Inputs in = unify_dtypes(s, a, t, o, std::nullopt);
-
-  cuda::ForwardArgs args;
-  args.s = row_tensor(in.s);
-  args.a = row_tensor(in.a);
-  if (in.t.defined()) args.t = row_tensor(in.t);
-  args.labels = lab.view;
-  args.rows = rows;
-  args.rows_per_batch = s.size(1);
-  args.vocab = vocab;
-  args.opts = o;
-  args.ignore_index = ignore_index;
-  args.loss = loss.data_ptr<float>();
-  args.stats = stats.data_ptr<float>();
+  const cuda::ForwardArgs args = forward_args(in, lab, o, ignore_index, loss, stats);
   C10_CUDA_CHECK(cuda::launch_contrastive_kd_forward(args, c10::cuda::getCurrentCUDAStream()));
   return {loss, stats};
 }
@@ -213,17 +219,7 @@ std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cuda(
     const Labels lab(labels, s);
     const at::Tensor up = grad_rows.to(at::kFloat);
     cuda::SinglePassArgs args;
-    args.forward.s = row_tensor(s);
-    args.forward.a = row_tensor(a);
-    if (t.has_value()) args.forward.t = row_tensor(*t);
-    args.forward.labels = lab.view;
-    args.forward.rows = rows;
-    args.forward.rows_per_batch = s.size(1);
-    args.forward.vocab = vocab;
-    args.forward.opts = o;
-    args.forward.ignore_index = ignore_index;
-    args.forward.loss = loss.data_ptr<float>();
-    args.forward.stats = stats.data_ptr<float>();
+    args.forward = forward_args(Inputs{s, a, t.has_value() ? *t : at::Tensor()}, lab, o, ignore_index, loss, stats);
     args.grad_rows = up.data_ptr<float>();
     args.grad_rows_stride = up.stride(0);
     args.grad = cuda::MutableRowTensor{grad_s.data_ptr(), grad_s.stride(0), grad_s.stride(1),

@@ -1153,8 +1153,7 @@ CAAD_UNROLL
     }
 
     // 6. The gradient of this slice, from shared memory. Label positions are slice-relative.
-    BwdRow r = make_bwd_row(p, sh.row_stats, p.grad_rows[row * p.grad_rows_stride], y);
-    r.label = y - j_begin;
+    const BwdRow r = make_bwd_row(p, sh.row_stats, p.grad_rows[row * p.grad_rows_stride], y - j_begin);
     for (int64_t c = tid; c < chunks; c += nt) {
       float g[N];
       backward_chunk<T, DIV, Load::kShared, Load::kShared>(p, r, s_sm, a_sm, t_sm, c * N, true, g);
