@@ -271,6 +271,35 @@ void check_grad_row(const std::string& where, const G* got, int64_t V, const std
   check(ok, where + " grad, worst abs error " + std::to_string(worst) + ", fp32 core's " + std::to_string(slack));
 }
 
+// Random logits in `size` entries of each buffer; labels, upstream weights and the special rows
+// every case checks (at least 7 rows; `at(n)` is the element offset of row n):
+// row 2 ignored, row 3 labelled with the last entry, row 4 an impossible token (a = -inf, t = NaN),
+// row 5 s = -inf where p > 0 (infinite forward KL), row 6 NaN in a (a NaN row).
+template <typename T, class At>
+void fill_case(std::mt19937& gen, size_t size, T* s, T* a, T* t, T* s0, T* a0, T* t0, const At& at, int64_t rows,
+               int64_t V, std::vector<int64_t>& labels, std::vector<float>& grad_rows) {
+  using H = Host<T>;
+  std::normal_distribution<float> normal(0.f, 3.f);
+  for (size_t i = 0; i < size; ++i) {
+    s[i] = H::make(normal(gen));
+    a[i] = H::make(normal(gen));
+    t[i] = H::make(normal(gen));
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  labels.resize(rows);
+  grad_rows.resize(rows);
+  for (int64_t n = 0; n < rows; ++n) {
+    labels[n] = static_cast<int64_t>(gen() % V);
+    grad_rows[n] = 0.25f + 0.5f * static_cast<float>(n);
+  }
+  labels[2] = -100;
+  if (V > 1) labels[3] = V - 1;
+  a0[at(4) + V / 2] = H::make(-inf);
+  t0[at(4) + V / 2] = H::make(std::nanf(""));
+  if (V > 3) s0[at(5) + 1] = H::make(-inf);
+  if (V > 5) a0[at(6) + V - 2] = H::make(std::nanf(""));
+}
+
 struct Opts {
   const char* name;
   double alpha, beta_p, tau, jsd_beta, w_soft, w_hard;
@@ -283,24 +312,11 @@ void run_case(const Opts& o, int64_t V, int K, int threads, uint32_t seed) {
   constexpr int N = caad::cuda::detail::Elem<T>::kVec;
   const int64_t rows = 7, stride = V + 2 * N;  // padded rows: the row stride is not V
   std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.f, 3.f);
   std::vector<T> s(rows * stride), a(rows * stride), t(rows * stride);
-  for (int64_t i = 0; i < rows * stride; ++i) {
-    s[i] = H::make(normal(gen));
-    a[i] = H::make(normal(gen));
-    t[i] = H::make(normal(gen));
-  }
-  const float inf = std::numeric_limits<float>::infinity();
-  std::vector<int64_t> labels(rows);
-  for (int64_t n = 0; n < rows; ++n) labels[n] = static_cast<int64_t>(gen() % V);
-  labels[2] = -100;                                            // ignored
-  if (V > 1) labels[3] = V - 1;                                // the last slice's last entry
-  a[4 * stride + V / 2] = H::make(-inf);                       // an impossible token (t is irrelevant there)
-  t[4 * stride + V / 2] = H::make(std::nanf(""));
-  if (V > 3) s[5 * stride + 1] = H::make(-inf);                // s = -inf where p > 0: infinite forward KL
-  if (V > 5) a[6 * stride + V - 2] = H::make(std::nanf(""));   // NaN in a: a NaN row
-  std::vector<float> grad_rows(rows);
-  for (int64_t n = 0; n < rows; ++n) grad_rows[n] = 0.25f + 0.5f * static_cast<float>(n);
+  std::vector<int64_t> labels;
+  std::vector<float> grad_rows;
+  fill_case(gen, s.size(), s.data(), a.data(), t.data(), s.data(), a.data(), t.data(),
+            [&](int64_t n) { return n * stride; }, rows, V, labels, grad_rows);
 
   const caad::KernelOptions ko = caad::make_options(o.alpha, o.beta_p, o.tau, DIV, o.jsd_beta, o.w_soft, o.w_hard,
                                                     o.text);
@@ -411,28 +427,14 @@ void run_block_case(const Opts& o, int64_t V, int64_t offset, int64_t a_offset, 
   const int64_t B = 2, T_ = 4, rows = B * T_, st = V + pad, sb = T_ * st + 5;
   const size_t size = static_cast<size_t>(B * sb + 16);
   std::mt19937 gen(seed);
-  std::normal_distribution<float> normal(0.f, 3.f);
   std::vector<T> sbuf(size), abuf(size), tbuf(size);
-  for (size_t i = 0; i < size; ++i) {
-    sbuf[i] = H::make(normal(gen));
-    abuf[i] = H::make(normal(gen));
-    tbuf[i] = H::make(normal(gen));
-  }
   T* s0 = sbuf.data() + offset;
   T* a0 = abuf.data() + a_offset;
   T* t0 = tbuf.data() + offset;
   auto at = [&](int64_t n) { return (n / T_) * sb + (n % T_) * st; };
-  const float inf = std::numeric_limits<float>::infinity();
-  std::vector<int64_t> labels(rows);
-  for (int64_t n = 0; n < rows; ++n) labels[n] = static_cast<int64_t>(gen() % V);
-  labels[2] = -100;
-  if (V > 1) labels[3] = V - 1;
-  a0[at(4) + V / 2] = H::make(-inf);
-  t0[at(4) + V / 2] = H::make(std::nanf(""));
-  if (V > 3) s0[at(5) + 1] = H::make(-inf);
-  if (V > 5) a0[at(6) + V - 2] = H::make(std::nanf(""));
-  std::vector<float> grad_rows(rows);
-  for (int64_t n = 0; n < rows; ++n) grad_rows[n] = 0.25f + 0.5f * static_cast<float>(n);
+  std::vector<int64_t> labels;
+  std::vector<float> grad_rows;
+  fill_case(gen, size, sbuf.data(), abuf.data(), tbuf.data(), s0, a0, t0, at, rows, V, labels, grad_rows);
 
   const caad::KernelOptions ko = caad::make_options(o.alpha, o.beta_p, o.tau, DIV, o.jsd_beta, o.w_soft, o.w_hard,
                                                     o.text);
