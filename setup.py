@@ -2,10 +2,11 @@
 
 The C++/CUDA kernels in csrc/ are shipped as sources (copied into caad_kernels/_csrc)
 and JIT-built on first use. ``CAAD_BUILD_EXT=1 pip install --no-build-isolation .``
-builds them ahead of time instead (needs torch installed first; CUDA sources are
+builds them ahead of time instead (needs torch, setuptools>=68 and wheel installed first; CUDA sources are
 included when torch has CUDA and nvcc is found).
 """
 
+import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -31,20 +32,24 @@ def native_extensions():
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/aot_module.cpp", "csrc/ops.cpp", "csrc/cpu/contrastive_kd_cpu.cpp",
-               "csrc/kernel/contrastive_kd.cpp"]
-    # Same flags as the JIT build (caad_kernels/jit.py); CAAD_CPU_ARCH=x86-64-v3 etc. for portable wheels.
-    cxx = ["-O3", f"-march={os.environ.get('CAAD_CPU_ARCH', 'native')}", "-ffp-contract=off", "-fno-trapping-math",
-           "-fno-math-errno", "-fopenmp", "-DNDEBUG"]
+    # The JIT build's sources and flags (caad_kernels/jit.py, loaded alone: it needs only torch), so the two
+    # builds cannot drift apart; CAAD_CPU_ARCH=x86-64-v3 etc. replaces -march=native for portable wheels.
+    spec = importlib.util.spec_from_file_location("caad_jit", ROOT / "caad_kernels" / "jit.py")
+    jit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jit)
+    sources = ["csrc/aot_module.cpp"] + [f"csrc/{f}" for f in jit.CPU_SOURCES]
+    arch = f"-march={os.environ.get('CAAD_CPU_ARCH', 'native')}"
+    cxx = [arch if f == "-march=native" else f for f in jit.cpu_flags()]
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None
     if with_cuda:
-        sources += ["csrc/cuda/contrastive_kd_cuda.cpp", "csrc/cuda/contrastive_kd_kernels.cu"]
+        sources += [f"csrc/{f}" for f in jit.CUDA_SOURCES]
         ext = CUDAExtension(
             "caad_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
-            extra_compile_args={"cxx": cxx + ["-DCAAD_WITH_CUDA"],
-                                "nvcc": ["-O3", "-lineinfo", "-DNDEBUG", "-DCAAD_WITH_CUDA",
-                                         "-gencode", "arch=compute_80,code=sm_80",
-                                         "-gencode", "arch=compute_90a,code=sm_90a"]},
+            extra_compile_args={
+                "cxx": cxx + ["-DCAAD_WITH_CUDA"],
+                "nvcc": jit.cuda_flags() + ["-DCAAD_WITH_CUDA", "-gencode", "arch=compute_80,code=sm_80",
+                                            "-gencode", "arch=compute_90a,code=sm_90a"],
+            },
             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("caad_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,55 @@ def test_jit_build_is_cached_per_directory(tmp_path):
     assert "CLOSE True" in second.stdout
     built = list(tmp_path.glob("*/caad_native*.so"))
     assert len(built) == 1, built
+
+
+AOT_USE = """
+    import torch, caad_kernels
+    from caad_kernels import jit, contrastive_kd_loss
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(4, 37, generator=g, dtype=torch.float64).requires_grad_()
+    a, t = torch.randn(4, 37, generator=g, dtype=torch.float64), torch.randn(4, 37, generator=g, dtype=torch.float64)
+    kinds = jit.load()
+    print("FROM", caad_kernels.__file__)
+    print("ORIGIN", jit.origin(), "cpu" in kinds)
+    kw = dict(alpha=0.5, plausibility_beta=0.1, temperature=2.0, divergence="jsd")
+    loss = contrastive_kd_loss(s, a, t, backend="cpu", **kw)
+    (grad,) = torch.autograd.grad(loss, s)
+    ref = contrastive_kd_loss(s, a, t, backend="torch", **kw)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    print("CLOSE", torch.allclose(loss, ref, rtol=1e-9, atol=1e-12), torch.allclose(grad, ref_grad, rtol=1e-9,
+          atol=1e-12))
+"""
+
+
+@pytest.mark.slow
+def test_ahead_of_time_build_is_preferred(tmp_path):
+    """`CAAD_BUILD_EXT=1 pip install --no-build-isolation .` (here: the wheel it installs) builds
+    caad_kernels._C; the loader takes it and compiles nothing."""
+    src = tmp_path / "src"  # a copy: pip's build/ must not land in (or be reused from) the checkout
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "CMakeLists.txt"):
+        shutil.copy2(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("__pycache__", "_C*.so", "_csrc", "build")
+    for name in ("csrc", "caad_kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                            str(src), "-w", str(tmp_path / "wheel")], capture_output=True, text=True, timeout=1800,
+                           env={**os.environ, "CAAD_BUILD_EXT": "1"}, cwd=tmp_path)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("caad-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(site)
+    assert list(site.glob("caad_kernels/_C*.so")) and (site / "caad_kernels/_csrc/ops.cpp").exists()
+    ext_dir = tmp_path / "ext"
+    env = {**os.environ, "PYTHONPATH": str(site), "CAAD_EXT_DIR": str(ext_dir), "CAAD_BACKEND": ""}
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(AOT_USE)], capture_output=True, text=True,
+                          env=env, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"FROM {site}" in proc.stdout, proc.stdout  # the installed package, not the checkout
+    assert "ORIGIN aot True" in proc.stdout and "CLOSE True True" in proc.stdout, proc.stdout
+    assert "compiling" not in proc.stderr and not ext_dir.exists()  # nothing JIT-built
 
 
 def test_cuda_sources_need_a_target_architecture(monkeypatch):
