@@ -763,77 +763,99 @@ CAAD_UNROLL
 }
 
 // ---------------------------------------------------------------------------------
-// Block-level glue (device only).
-
-__device__ __forceinline__ FwdState shfl_down_state(const FwdState& v, int off) {
-  FwdState r;
-  r.ms = __shfl_down_sync(0xffffffffu, v.ms, off);
-  r.sum_s = __shfl_down_sync(0xffffffffu, v.sum_s, off);
-  r.mz = __shfl_down_sync(0xffffffffu, v.mz, off);
-  r.sum_z = __shfl_down_sync(0xffffffffu, v.sum_z, off);
-  r.acc1 = __shfl_down_sync(0xffffffffu, v.acc1, off);
-  r.acc2 = __shfl_down_sync(0xffffffffu, v.acc2, off);
-  r.mh = __shfl_down_sync(0xffffffffu, v.mh, off);
-  r.sum_h = __shfl_down_sync(0xffffffffu, v.sum_h, off);
-  return r;
-}
+// Block reductions, written against a warp context `w` — lane()/warp()/warps(),
+// shfl_down(v, off) and shfl_xor(v, off) over the 32 lanes of a warp, sync() for the
+// block barrier — so the GPU (DeviceWarp) and the host emulator of
+// csrc/tests/kernel_emulation_test.cu run the same trees and the same slot protocol.
 
 // Fixed-shape tree: lane l merges lane l+off. Lanes whose partner is out of range merge
 // with themselves; their values never reach lane 0. Result in lane 0.
-template <int DIV>
-__device__ __forceinline__ FwdState warp_merge(FwdState v, bool soft, bool hard_sep) {
+#pragma nv_exec_check_disable
+template <int DIV, class W>
+CAAD_HD FwdState warp_merge(const W& w, FwdState v, bool soft, bool hard_sep) {
 CAAD_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v = merge_states<DIV>(v, shfl_down_state(v, off), soft, hard_sep);
+  for (int off = 16; off > 0; off >>= 1) v = merge_states<DIV>(v, w.shfl_down(v, off), soft, hard_sep);
   return v;
 }
 
 // Result valid in thread 0 only. `slots` may be rewritten only after the caller's next
-// __syncthreads (warp 0 may still be reading them).
-template <int DIV>
-__device__ __forceinline__ FwdState block_merge(FwdState v, FwdState* slots, bool soft, bool hard_sep) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  v = warp_merge<DIV>(v, soft, hard_sep);
+// barrier (warp 0 may still be reading them).
+#pragma nv_exec_check_disable
+template <int DIV, class W>
+CAAD_HD FwdState block_merge(const W& w, FwdState v, FwdState* slots, bool soft, bool hard_sep) {
+  const int lane = w.lane(), warp = w.warp(), nwarps = w.warps();
+  v = warp_merge<DIV>(w, v, soft, hard_sep);
   if (lane == 0) slots[warp] = v;
-  __syncthreads();
+  w.sync();
   if (warp == 0) {
     v = lane < nwarps ? slots[lane] : identity_state();
-    v = warp_merge<DIV>(v, soft, hard_sep);
+    v = warp_merge<DIV>(w, v, soft, hard_sep);
   }
   return v;
 }
 
 // Sum of two floats over the block, same tree; result valid in thread 0.
-__device__ __forceinline__ float2 block_sum2(float2 v, float2* slots) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma nv_exec_check_disable
+template <class W>
+CAAD_HD float2 block_sum2(const W& w, float2 v, float2* slots) {
+  const int lane = w.lane(), warp = w.warp(), nwarps = w.warps();
 CAAD_UNROLL
   for (int off = 16; off > 0; off >>= 1) {
-    v.x += __shfl_down_sync(0xffffffffu, v.x, off);
-    v.y += __shfl_down_sync(0xffffffffu, v.y, off);
+    const float2 o = w.shfl_down(v, off);
+    v.x += o.x;
+    v.y += o.y;
   }
   if (lane == 0) slots[warp] = v;
-  __syncthreads();
+  w.sync();
   if (warp == 0) {
     v = lane < nwarps ? slots[lane] : make_float2(0.f, 0.f);
 CAAD_UNROLL
     for (int off = 16; off > 0; off >>= 1) {
-      v.x += __shfl_down_sync(0xffffffffu, v.x, off);
-      v.y += __shfl_down_sync(0xffffffffu, v.y, off);
+      const float2 o = w.shfl_down(v, off);
+      v.x += o.x;
+      v.y += o.y;
     }
   }
   return v;
 }
 
 // Max over the block, returned to every thread (max is exact: order does not matter).
-__device__ __forceinline__ float block_max_all(float v, float* slots) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+#pragma nv_exec_check_disable
+template <class W>
+CAAD_HD float block_max_all(const W& w, float v, float* slots) {
+  const int lane = w.lane(), warp = w.warp(), nwarps = w.warps();
 CAAD_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, w.shfl_xor(v, off));
   if (lane == 0) slots[warp] = v;
-  __syncthreads();
+  w.sync();
   float m = neg_inf();
-  for (int w = 0; w < nwarps; ++w) m = fmaxf(m, slots[w]);
+  for (int i = 0; i < nwarps; ++i) m = fmaxf(m, slots[i]);
   return m;
 }
+
+// The GPU's warp context: full-mask shuffles (every block is a whole number of warps).
+struct DeviceWarp {
+  __device__ int lane() const { return threadIdx.x & 31; }
+  __device__ int warp() const { return threadIdx.x >> 5; }
+  __device__ int warps() const { return blockDim.x >> 5; }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ float shfl_xor(float v, int off) const { return __shfl_xor_sync(0xffffffffu, v, off); }
+  __device__ float2 shfl_down(float2 v, int off) const {
+    return make_float2(__shfl_down_sync(0xffffffffu, v.x, off), __shfl_down_sync(0xffffffffu, v.y, off));
+  }
+  __device__ FwdState shfl_down(const FwdState& v, int off) const {
+    FwdState r;
+    r.ms = __shfl_down_sync(0xffffffffu, v.ms, off);
+    r.sum_s = __shfl_down_sync(0xffffffffu, v.sum_s, off);
+    r.mz = __shfl_down_sync(0xffffffffu, v.mz, off);
+    r.sum_z = __shfl_down_sync(0xffffffffu, v.sum_z, off);
+    r.acc1 = __shfl_down_sync(0xffffffffu, v.acc1, off);
+    r.acc2 = __shfl_down_sync(0xffffffffu, v.acc2, off);
+    r.mh = __shfl_down_sync(0xffffffffu, v.mh, off);
+    r.sum_h = __shfl_down_sync(0xffffffffu, v.sum_h, off);
+    return r;
+  }
+};
 
 template <typename T>
 CAAD_HD const T* row_ptr(const void* base, int64_t bi, int64_t ti, int64_t sb, int64_t st) {
@@ -956,12 +978,12 @@ struct DeviceBlockCtx {
   __device__ int64_t threads() const { return blockDim.x; }
   __device__ void sync_block() const { __syncthreads(); }
   __device__ bool any(bool v) const { return __syncthreads_or(v ? 1 : 0) != 0; }
-  __device__ float block_max(float v) const { return block_max_all(v, max_slots); }
+  __device__ float block_max(float v) const { return block_max_all(DeviceWarp{}, v, max_slots); }
   template <int DIV>
   __device__ FwdState merge(FwdState v, bool soft, bool hard_sep) const {
-    return block_merge<DIV>(v, state_slots, soft, hard_sep);
+    return block_merge<DIV>(DeviceWarp{}, v, state_slots, soft, hard_sep);
   }
-  __device__ float2 sum2(float2 v) const { return block_sum2(v, sum_slots); }
+  __device__ float2 sum2(float2 v) const { return block_sum2(DeviceWarp{}, v, sum_slots); }
 };
 
 template <typename T, int DIV>

@@ -1,28 +1,32 @@
 // Runs the CUDA kernels' bodies — forward_rows and backward_rows (the two-kernel path) and
 // cluster_rows (the sm_90 single-pass kernel), the exact code the GPU kernels call — on the
-// CPU: every GPU thread is a std::thread, block and cluster barriers are host barriers,
-// the block reductions and the distributed-shared-memory reads are emulated over per-block
-// host memory. Results are compared with the CPU core (csrc/kernel/), row by row: loss,
-// statistics and gradient.
+// CPU: every GPU thread is a std::thread, block and cluster barriers are host barriers, the
+// block reductions are the GPU's own (block_merge, block_sum2, block_max_all) with warp
+// shuffles emulated through a per-warp exchange buffer, and distributed-shared-memory reads
+// go to the other emulated CTAs' memory. Results are compared with the CPU core
+// (csrc/kernel/), row by row: loss, statistics and gradient.
 //
 // What this checks: row addressing and grid-stride loops, the 16-byte chunk phase of each
 // row (padded rows, offset starts, mismatched alignments that take the scalar path),
-// in-place backward, fp32 inputs with 16-bit gradients; for the cluster kernel the slicing
-// of a row over K CTAs (uneven and empty slices), staging, slice-relative labels and the
-// rank-ordered merges; the barrier protocol of both (a count that differed between
-// threads would deadlock here); ignored rows, the special values of SPEC §3, every
-// divergence and option, fp32/bf16/fp16. What it cannot check: warp shuffles, cp.async,
-// the real DSMEM mapping, launch limits, and the GPU's ex2.approx (the host path of
+// in-place backward, fp32 inputs with 16-bit gradients; the reduction trees over one to
+// three warps (idle lanes, an odd warp count) and their shared-slot protocol; for the
+// cluster kernel the slicing of a row over K CTAs (uneven and empty slices), staging,
+// slice-relative labels and the rank-ordered merges; the barrier protocol of both (a
+// count that differs between threads aborts after a minute instead of hanging); ignored
+// rows, the special values of SPEC §3, every divergence and option, fp32/bf16/fp16.
+// Built with -DCAAD_SANITIZE=thread, a shared-memory access that a missing barrier leaves
+// unordered is a reported race. What it cannot check: the hardware's shuffle, cp.async
+// and DSMEM implementations, launch limits, and the GPU's ex2.approx (the host path of
 // fast_exp is used). Built by CMake when a CUDA compiler exists (host code only: it runs
 // without a GPU); `ctest` runs it.
 #include <cmath>
-#include <condition_variable>
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -50,41 +54,93 @@ void check(bool ok, const std::string& what) {
   }
 }
 
+// A barrier for n threads: arrivals are an atomic count, the last one bumps the generation
+// (acquire/release, so the barrier orders memory like __syncthreads and ThreadSanitizer sees
+// it); waiters yield the core, which with hundreds of emulated threads on a few cores costs
+// far less than a condition variable's wake-ups. One that is not reached by all n threads
+// within a minute means they disagree on the barrier count (a hang on the GPU): abort.
 class Barrier {
  public:
   explicit Barrier(int n) : n_(n) {}
   void wait() {
-    std::unique_lock<std::mutex> lock(m_);
-    const long gen = gen_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++gen_;
-      cv_.notify_all();
-    } else {
-      cv_.wait(lock, [&] { return gen_ != gen; });
+    const long gen = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (unsigned spins = 1; gen_.load(std::memory_order_acquire) == gen; ++spins) {
+      std::this_thread::yield();
+      if (spins % 4096 == 0 && std::chrono::steady_clock::now() > deadline) {
+        std::fprintf(stderr, "FATAL: a barrier of %d threads timed out: divergent barriers\n", n_);
+        std::abort();
+      }
     }
   }
 
  private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  int n_, count_ = 0;
-  long gen_ = 0;
+  const int n_;
+  std::atomic<int> count_{0};
+  std::atomic<long> gen_{0};
 };
 
-// One emulated block: its barrier, its dynamic shared memory and the scratch of the block
-// reductions (the GPU's shuffle/shared-slot trees; here a fold in thread order).
+// One emulated warp: 32 lanes, a barrier, and the exchange buffer of its shuffles.
+struct EmuWarp {
+  Barrier bar{32};
+  alignas(16) unsigned char lanes[32][sizeof(FwdState)];
+};
+
+// One emulated block: its barrier, its dynamic shared memory, the shared slots of the block
+// reductions (the same trees as the GPU's: csrc/cuda's block_merge/block_sum2/block_max_all run
+// here with shuffles through EmuWarp) and the scratch of __syncthreads_or.
 struct EmuBlock {
   ClusterCtaShared sh;
   caad::cuda::detail::Norms norms;
   std::vector<uint4> stage;  // 16-byte aligned
   Barrier bar;
-  std::vector<FwdState> states;
-  std::vector<float> floats;
-  std::vector<float2> pairs;
+  int threads;
+  std::vector<EmuWarp> warps;
+  FwdState state_slots[caad::cuda::detail::kMaxWarps];
+  float2 sum_slots[caad::cuda::detail::kMaxWarps];
+  float max_slots[caad::cuda::detail::kMaxWarps];
   std::vector<int> flags;
-  EmuBlock(int threads, size_t stage_bytes)
-      : stage(stage_bytes / 16 + 1), bar(threads), states(threads), floats(threads), pairs(threads), flags(threads) {}
+  EmuBlock(int n, size_t stage_bytes)
+      : stage(stage_bytes / 16 + 1), bar(n), threads(n), warps(n / 32), flags(n) {
+    if (n % 32 != 0 || n / 32 > caad::cuda::detail::kMaxWarps) {
+      std::fprintf(stderr, "FATAL: an emulated block has a whole number of warps (<= %d), not %d threads\n",
+                   caad::cuda::detail::kMaxWarps, n);
+      std::abort();
+    }
+  }
+};
+
+// One emulated thread's warp context (the contract of block_merge / block_sum2 / block_max_all):
+// a shuffle publishes the lane's value, waits for the warp, reads the source lane, and waits
+// again so the buffer can be reused. Out-of-range shfl_down sources return the lane's own value.
+struct HostWarp {
+  EmuBlock* blk;
+  int64_t tid;
+  int lane() const { return static_cast<int>(tid & 31); }
+  int warp() const { return static_cast<int>(tid >> 5); }
+  int warps() const { return blk->threads / 32; }
+  void sync() const { blk->bar.wait(); }
+  template <class X>
+  X exchange(const X& v, int src) const {
+    static_assert(sizeof(X) <= sizeof(FwdState), "shuffle payload");
+    EmuWarp& w = blk->warps[warp()];
+    std::memcpy(w.lanes[lane()], &v, sizeof(X));
+    w.bar.wait();
+    X r;
+    std::memcpy(&r, w.lanes[src], sizeof(X));
+    w.bar.wait();
+    return r;
+  }
+  template <class X>
+  X shfl_down(const X& v, int off) const {
+    return exchange(v, lane() + off < 32 ? lane() + off : lane());
+  }
+  float shfl_xor(float v, int off) const { return exchange(v, lane() ^ off); }
 };
 
 struct EmuCluster {
@@ -111,42 +167,15 @@ struct HostBlockCtx {
     blk->bar.wait();
     return r;
   }
+  // The GPU's reductions themselves, over emulated shuffles and the block's shared slots.
   float block_max(float v) const {
-    blk->floats[tid_] = v;
-    blk->bar.wait();
-    float m = -std::numeric_limits<float>::infinity();
-    for (float f : blk->floats) m = std::fmax(m, f);
-    blk->bar.wait();
-    return m;
+    return caad::cuda::detail::block_max_all(HostWarp{blk, tid_}, v, blk->max_slots);
   }
   template <int DIV>
   FwdState merge(FwdState v, bool soft, bool hard_sep) const {
-    blk->states[tid_] = v;
-    blk->bar.wait();
-    FwdState r = v;
-    if (tid_ == 0) {
-      r = blk->states[0];
-      for (int64_t i = 1; i < threads_; ++i) {
-        r = caad::cuda::detail::merge_states<DIV>(r, blk->states[i], soft, hard_sep);
-      }
-    }
-    blk->bar.wait();
-    return r;
+    return caad::cuda::detail::block_merge<DIV>(HostWarp{blk, tid_}, v, blk->state_slots, soft, hard_sep);
   }
-  float2 sum2(float2 v) const {
-    blk->pairs[tid_] = v;
-    blk->bar.wait();
-    float2 r = v;
-    if (tid_ == 0) {
-      r = make_float2(0.f, 0.f);
-      for (const float2& x : blk->pairs) {
-        r.x += x.x;
-        r.y += x.y;
-      }
-    }
-    blk->bar.wait();
-    return r;
-  }
+  float2 sum2(float2 v) const { return caad::cuda::detail::block_sum2(HostWarp{blk, tid_}, v, blk->sum_slots); }
 };
 
 // ... plus the cluster (the contract of cluster_rows).
@@ -233,6 +262,12 @@ struct Host<__half> {
   static float value(__half x) { return __half2float(x); }
   static constexpr double kTol = 1e-3;
 };
+
+std::string hexf(double x) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%a", x);
+  return buf;
+}
 
 bool close(double got, double want, double rtol, double atol) {
   if (std::isnan(want)) return std::isnan(got);
@@ -363,17 +398,34 @@ void run_case(const Opts& o, int64_t V, int K, int threads, uint32_t seed) {
     if (labels[n] != -100 && std::isfinite(want_loss)) {
       // The statistics the gradient reads under these options (the others are don't-cares).
       std::vector<int> exact = {caad::kMaxS}, logs = {caad::kLogSumS};
-      if (ko.soft) exact.push_back(caad::kMaxZ), logs.push_back(caad::kLogSumZ);
+      if (ko.soft) {
+        // max z/τ is exact given z, but z = (1+α)a − αt is one FMA on the GPU and two roundings
+        // in the core: a few ulps of the terms apart, which cancellation makes large next to z.
+        double terms = 0;
+        for (int64_t j = 0; j < V; ++j) {
+          const double a_j = H::value(a[n * stride + j]), t_j = ko.use_text ? H::value(t[n * stride + j]) : 0.0;
+          if (std::isfinite(a_j) && std::isfinite(t_j)) {
+            terms = std::fmax(terms, (std::fabs((1 + o.alpha) * a_j) + std::fabs(o.alpha * t_j)) / o.tau);
+          }
+        }
+        const double budget = 4 * std::numeric_limits<float>::epsilon() * terms;
+        check(close(stats[n * caad::kNumStats + caad::kMaxZ], want_stats[caad::kMaxZ], 1e-6, budget),
+              where + " stat max_z " + hexf(stats[n * caad::kNumStats + caad::kMaxZ]) + " vs " +
+                  hexf(want_stats[caad::kMaxZ]));
+        logs.push_back(caad::kLogSumZ);
+      }
       if (ko.hard) exact.push_back(caad::kMaxH), logs.push_back(caad::kLogSumH);
       if (ko.plausibility) exact.push_back(caad::kMaxA);
       if (ko.soft && DIV != caad::kForwardKL) logs.push_back(caad::kDivAux);
       for (int k : exact) {
-        check(close(stats[n * caad::kNumStats + k], want_stats[k], 1e-6, 0), where + " stat " + std::to_string(k));
+        check(close(stats[n * caad::kNumStats + k], want_stats[k], 1e-6, 0),
+              where + " stat " + std::to_string(k) + " " + hexf(stats[n * caad::kNumStats + k]) + " vs " +
+                  hexf(want_stats[k]));
       }
       for (int k : logs) {
         check(close(stats[n * caad::kNumStats + k], want_stats[k], 1e-5, 1e-6),
-              where + " stat " + std::to_string(k) + " " + std::to_string(stats[n * caad::kNumStats + k]) + " vs " +
-                  std::to_string(want_stats[k]));
+              where + " stat " + std::to_string(k) + " " + hexf(stats[n * caad::kNumStats + k]) + " vs " +
+                  hexf(want_stats[k]));
       }
     }
     if (!std::isfinite(want_loss)) continue;  // a NaN/inf row's gradient is unspecified beyond "not silent"
@@ -402,9 +454,12 @@ void run_type(uint32_t seed) {
     int64_t V;
     int K, threads;
   };
-  // V = N: one chunk; 25·N over 4 CTAs: uneven slices; 2·N over 4: two empty slices;
-  // 67·N over 3 with 8 threads: several chunks per thread.
-  const Shape shapes[] = {{N, 1, 4}, {25 * N, 4, 8}, {2 * N, 4, 4}, {67 * N, 3, 8}, {40 * N, 2, 32}};
+  // Blocks are whole warps, as on the GPU (the shuffles need all 32 lanes). V = N: one chunk;
+  // 25·N over 4 CTAs: uneven slices; 2·N over 4: two empty slices; 300·N over 3 with one warp
+  // and 520·N over 2 with two: several chunks per thread; 40·N over 2 with three warps: idle
+  // threads and a second-level tree over an odd number of warps.
+  const Shape shapes[] = {{N, 1, 32},        {25 * N, 4, 32},  {2 * N, 4, 32},
+                          {300 * N, 3, 32},  {520 * N, 2, 64}, {40 * N, 2, 96}};
   for (const Opts& o : kOpts) {
     for (const Shape& sh : shapes) {
       run_case<T, caad::kForwardKL>(o, sh.V, sh.K, sh.threads, seed++);
@@ -512,10 +567,11 @@ void run_block_type(uint32_t seed) {
     bool inplace;
     int threads, blocks;
   };
+  // Whole warps per block; 3001 entries over two warps: several chunks per thread.
   const Layout layouts[] = {
-      {1, 0, 0, 0, false, 4, 3},     {7, 1, 1, 3, false, 4, 8},     {203, 0, 0, 0, false, 8, 3},
-      {203, 3, 3, 5, true, 8, 8},    {203, 1, 2, 1, false, 8, 5},   {640, 2, 2, 3, false, 32, 2},
-      {640, 0, 0, 0, true, 32, 8},
+      {1, 0, 0, 0, false, 32, 3},    {7, 1, 1, 3, false, 32, 8},     {203, 0, 0, 0, false, 32, 3},
+      {203, 3, 3, 5, true, 32, 8},   {203, 1, 2, 1, false, 64, 5},   {640, 2, 2, 3, false, 32, 2},
+      {640, 0, 0, 0, true, 96, 8},   {3001, 1, 1, 2, false, 64, 3},
   };
   for (const Opts& o : kOpts) {
     for (const Layout& l : layouts) {
