@@ -75,7 +75,8 @@ setup(
         "ninja",  # the JIT build of csrc/ on first use
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib"],  # matplotlib: the report test
+        # matplotlib: the report test; setuptools/wheel: the ahead-of-time build test (--no-build-isolation)
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib", "setuptools>=68", "wheel"],
         # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets.
         "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
