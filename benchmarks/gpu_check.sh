@@ -14,10 +14,12 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$out/device.txt"
 
 # GPU tests first (the C++/CUDA build happens here, on first use). Left out: the compile-only
-# checks (nvcc for sm_80/sm_90a, CMake + the CPU emulation, the binding, a second JIT build),
-# which CI runs and which would spend minutes of the device's time compiling.
+# checks (nvcc for sm_80/sm_90a, CMake + the CPU emulation, sanitized builds, the binding, a
+# second JIT build, the ahead-of-time wheel), which CI runs and which would spend minutes of the
+# device's time compiling.
 timeout 240 python3 -m pytest -q --maxfail=25 -rf tests/test_gpu.py tests/test_native.py tests/test_ops.py \
-  -k "not compile_with_nvcc and not cmake_build and not binding_compiles and not jit_build_is_cached" \
+  -k "not compile_with_nvcc and not cmake_build and not binding_compiles and not jit_build_is_cached \
+      and not sanitizers and not ahead_of_time" \
   2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
