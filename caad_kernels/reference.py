@@ -213,7 +213,10 @@ def reduction_divisor(
     if reduction == "sum":
         return torch.ones((), dtype=dtype, device=device)
     if num_items_in_batch is not None:
-        return torch.as_tensor(num_items_in_batch, device=device).to(dtype)
+        if isinstance(num_items_in_batch, torch.Tensor):
+            return num_items_in_batch.to(device=device, dtype=dtype)
+        # A fill on the device: as_tensor(int, device=cuda) would be a blocking host-to-device copy.
+        return torch.full((), float(num_items_in_batch), dtype=dtype, device=device)
     if labels is None:
         return torch.full((), max(n_rows, 1), dtype=dtype, device=device)
     return (labels != ignore_index).sum().clamp_min(1).to(dtype)

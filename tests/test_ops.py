@@ -267,16 +267,17 @@ def test_cuda_backend_refuses_cpu_tensors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_gpu_forward_backward_make_no_host_sync(reduction):
+@pytest.mark.parametrize("reduction,num_items", [("mean", "tensor"), ("mean", "int"), ("mean", None), ("sum", None),
+                                                  ("none", None)])
+def test_gpu_forward_backward_make_no_host_sync(reduction, num_items):
     s, a, t, labels = (x.cuda() for x in _sample_inputs(shape=(4, 8), vocab=1000))
     s = s.to(torch.bfloat16).requires_grad_()
     contrastive_kd_loss(s, a, t, labels, backend="triton", reduction=reduction)  # compile outside the check
+    items = {"tensor": torch.tensor(5, device="cuda"), "int": 5, None: None}[num_items]  # an int: no H2D copy
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        loss = contrastive_kd_loss(s, a, t, labels, backend="triton", reduction=reduction,
-                                   num_items_in_batch=torch.tensor(5, device="cuda") if reduction == "mean" else None)
+        loss = contrastive_kd_loss(s, a, t, labels, backend="triton", reduction=reduction, num_items_in_batch=items)
         loss.backward(torch.ones_like(loss))
     finally:
         torch.cuda.set_sync_debug_mode("default")
