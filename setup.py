@@ -2,8 +2,8 @@
 
 The C++/CUDA kernels in csrc/ are shipped as sources (copied into caad_kernels/_csrc)
 and JIT-built on first use. ``CAAD_BUILD_EXT=1 pip install --no-build-isolation .``
-builds them ahead of time instead (needs torch, setuptools>=68 and wheel installed first; CUDA sources are
-included when torch has CUDA and nvcc is found).
+builds them ahead of time instead (needs torch, setuptools>=68 and wheel installed first;
+CUDA sources are included when torch has CUDA and nvcc is found).
 """
 
 import importlib.util

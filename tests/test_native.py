@@ -246,8 +246,8 @@ def test_ctest_under_sanitizers(sanitizers, tmp_path):
     """The core's C++ test and the CUDA bodies' CPU emulation, built with sanitizers.
 
     address,undefined: out-of-bounds, use-after-free and UB in the core and in the kernel bodies.
-    thread: the emulation runs each GPU thread as a host thread and each barrier as a mutex, so a
-    shared-memory access that a missing __syncthreads/cluster.sync leaves unordered is a data race
+    thread: the emulation runs each GPU thread as a host thread and each barrier as acquire/release
+    synchronisation, so a shared-memory access that a missing __syncthreads/cluster.sync leaves unordered is a data race
     (a deleted barrier in cluster_rows was reported this way while its results still matched).
     """
     if not _sanitizer_runs(sanitizers, tmp_path):
