@@ -158,7 +158,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_args = CAADConfig(**args_kw)
     student, teacher = _load_model(opts["student"]), _load_model(opts["teacher"])
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
-                          train_dataset=examples)
+                          teacher_processor=_processor(opts["teacher"]), train_dataset=examples)
     trainer.train()
     out = Path(output_dir) / "student"
     student.save_pretrained(out)
@@ -190,6 +190,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if opts["output"]:
         Path(opts["output"]).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_make_student(args: argparse.Namespace) -> int:
+    from .make_student import select_layers
+
+    opts = _merged(args, {"teacher": None, "out": None, "layers": None, "layer_ids": None})
+    if not opts["teacher"] or not opts["out"]:
+        raise SystemExit("caad make-student: --teacher and --out are required")
+    if (opts["layers"] is None) == (opts["layer_ids"] is None):
+        raise SystemExit("caad make-student: give --layers K or --layer-ids I,J,... (one of them)")
+    layer_ids = None
+    if opts["layer_ids"] is not None:
+        try:
+            layer_ids = [int(i) for i in str(opts["layer_ids"]).split(",")]
+        except ValueError:
+            raise SystemExit(f"caad make-student: --layer-ids must be comma-separated integers, got "
+                             f"{opts['layer_ids']!r}") from None
+    teacher = _load_model(opts["teacher"])
+    try:
+        student, kept = select_layers(teacher, layers=opts["layers"], layer_ids=layer_ids)
+    except ValueError as exc:
+        raise SystemExit(f"caad make-student: {exc}") from None
+    student.save_pretrained(opts["out"])
+    _processor(opts["teacher"]).save_pretrained(opts["out"])  # the student speaks the teacher's tokens
+    depth = len(teacher.get_decoder().layers)
+    print(f"caad: student with teacher layers {kept} (of {depth}) saved to {opts['out']}")
     return 0
 
 
@@ -241,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", default=None)
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("make-student", help="a smaller student of the teacher's family: keep K of its decoder "
+                       "layers (weights copied), with its tokenizer and processor")
+    p.add_argument("--teacher", "--from", dest="teacher", default=None, help="teacher checkpoint folder")
+    p.add_argument("--out", default=None, help="folder for the student checkpoint")
+    p.add_argument("--layers", type=int, default=None, help="keep K layers, evenly spaced, first and last included")
+    p.add_argument("--layer-ids", default=None, help="or keep exactly these teacher layers, e.g. 0,3,7")
+    p.add_argument("--config", help="YAML/JSON file with the same options")
+    p.set_defaults(func=cmd_make_student)
     return parser
 
 

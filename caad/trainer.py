@@ -23,6 +23,7 @@ from caad_kernels.fused_linear import lm_head_parameters
 from caad_kernels.options import KDOptions
 
 from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views, teacher_hidden_both_views
+from .vocabulary import check_shared_vocabulary
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -87,13 +88,19 @@ class CAADTrainer(Trainer):
         teacher_model: the teacher; frozen, put in eval mode, moved to ``args.teacher_device``/``teacher_dtype``.
         args: a :class:`CAADConfig`.
         processor: the student's processor; builds the default :class:`DualViewCollator`.
+        teacher_processor: the teacher's processor or tokenizer, if it has its own: refused unless it maps every
+            token to the same id as ``processor`` (:func:`caad.vocabulary.check_shared_vocabulary`).
         Other arguments as ``transformers.Trainer``.
     """
 
     def __init__(self, model: nn.Module, teacher_model: nn.Module, args: CAADConfig, processor: Any = None,
-                 data_collator: Any = None, **kwargs: Any) -> None:
+                 data_collator: Any = None, teacher_processor: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, CAADConfig):
             raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
+        if teacher_processor is not None:
+            if processor is None:
+                raise ValueError("teacher_processor needs processor (the student's) to compare vocabularies with")
+            check_shared_vocabulary(teacher_processor, processor)
         if data_collator is None:
             if processor is None:
                 raise ValueError("CAADTrainer needs a processor (or a data_collator) to build the dual views")
