@@ -160,6 +160,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
                           teacher_processor=_processor(opts["teacher"]), train_dataset=examples)
     trainer.train()
+    if not trainer.is_world_process_zero():  # torchrun / accelerate launch: rank 0 writes the result
+        return 0
     out = Path(output_dir) / "student"
     student.save_pretrained(out)
     processor.save_pretrained(out)

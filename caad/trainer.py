@@ -10,6 +10,7 @@ standard-KD baseline; ``soft_weight=0, hard_weight=1`` is plain fine-tuning on t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +55,10 @@ class CAADConfig(TrainingArguments):
     def __post_init__(self) -> None:
         # The collated batch is nested (two views): the model-signature column filter must not touch it.
         self.remove_unused_columns = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Under torchrun/accelerate launch without a GPU, accelerate sets up DDP (gloo) only when told to use
+            # the CPU; otherwise every rank silently trains alone on the whole data set.
+            self.use_cpu = True
         super().__post_init__()
         self.kd_options()  # validate the loss options up front, with SPEC §3's messages
         if self.text_only_view not in ("drop", "silence"):
@@ -108,6 +113,7 @@ class CAADTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
         self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
         self._kd = args.kd_options()
         self._metrics = self._empty_metrics()
@@ -168,6 +174,10 @@ class CAADTrainer(Trainer):
                                            hard_weight=1.0, reduction="sum", backend=self.args.kd_backend)
 
         self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start, ce_sum)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts the target tokens of every rank, and DDP averages the ranks' gradients:
+            # scaled by the world size, the sum of the ranks' losses is the global-batch loss (as Trainer does).
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _fused_linear_loss(self, model, audio_view, labels, teacher_batch, options):
