@@ -78,7 +78,8 @@ setup(
         # matplotlib: the report test; setuptools/wheel: the ahead-of-time build test (--no-build-isolation)
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib", "setuptools>=68", "wheel"],
         # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets.
-        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets"],
+        # peft: LoRA students (caad train --lora-r).
+        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets", "peft>=0.13"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },

@@ -59,6 +59,10 @@ def _add_loss_flags(parser: argparse.ArgumentParser) -> None:
 def _load_model(path: str):
     import transformers
 
+    from .peft_student import is_adapter_dir, load_adapter_model
+
+    if is_adapter_dir(path):  # a LoRA student saved by `caad train --lora-r`: base checkpoint + adapters
+        return load_adapter_model(path, _load_model)
     config = json.loads((Path(path) / "config.json").read_text())
     arch = (config.get("architectures") or ["AutoModelForCausalLM"])[0]
     cls = getattr(transformers, arch, None)
@@ -117,7 +121,8 @@ def cmd_pseudo_gt(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     train_defaults = {"data": None, "teacher": None, "student": None, "output_dir": None, "epochs": None,
                       "batch_size": None, "learning_rate": None, "text_only_view": "drop", "kd_backend": "auto",
-                      "template": "{label}", "skip_bad": False, **dict.fromkeys(LOSS_OPTIONS)}
+                      "template": "{label}", "skip_bad": False, "lora_r": None, "lora_alpha": None,
+                      "lora_dropout": None, "lora_target_modules": None, **dict.fromkeys(LOSS_OPTIONS)}
     opts = _merged(args, train_defaults)
     loss = {k: opts[k] for k in LOSS_OPTIONS if opts[k] is not None}
     if opts["data"] is None:
@@ -157,6 +162,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         args_kw["learning_rate"] = opts["learning_rate"]
     train_args = CAADConfig(**args_kw)
     student, teacher = _load_model(opts["student"]), _load_model(opts["teacher"])
+    if opts["lora_r"]:
+        from .peft_student import apply_lora
+
+        targets = opts["lora_target_modules"] or "all-linear"
+        student = apply_lora(student, r=opts["lora_r"], alpha=opts["lora_alpha"], dropout=opts["lora_dropout"] or 0.0,
+                             target_modules=targets if targets == "all-linear" else targets.split(","))
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
                           teacher_processor=_processor(opts["teacher"]), train_dataset=examples)
     trainer.train()
@@ -254,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", default=None, help="Pseudo-GT template for records without one")
     p.add_argument("--skip-bad", action="store_true", default=None)
     p.add_argument("--config", help="YAML/JSON file with the same options")
+    lora = p.add_argument_group("LoRA student (peft): train adapters only, saved as an adapter folder")
+    lora.add_argument("--lora-r", type=int, default=None, help="LoRA rank; off when not given")
+    lora.add_argument("--lora-alpha", type=float, default=None, help="LoRA scale numerator (default 2 * r)")
+    lora.add_argument("--lora-dropout", type=float, default=None, help="dropout on the LoRA input (default 0)")
+    lora.add_argument("--lora-target-modules", default=None,
+                      help="comma-separated module names, or all-linear (the default: every linear layer but the head)")
     _add_loss_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -23,6 +23,8 @@ from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
 from caad_kernels.fused_linear import lm_head_parameters
 from caad_kernels.options import KDOptions
 
+from .peft_student import is_lora_layer
+from .peft_student import unwrap as unwrap_peft
 from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views, teacher_hidden_both_views
 from .vocabulary import check_shared_vocabulary
 
@@ -182,14 +184,19 @@ class CAADTrainer(Trainer):
 
     def _fused_linear_loss(self, model, audio_view, labels, teacher_batch, options):
         """The loss from final hidden states and LM heads: logits exist one chunk of tokens at a time."""
-        base = getattr(model, "model", None)
+        core = unwrap_peft(model)  # a LoRA student: its adapters live inside the base model's modules
+        base = getattr(core, "model", None)
         if base is None:
             raise ValueError(f"fused_linear=True needs a model with .model and an output head; "
-                             f"{type(model).__name__} has no .model")
+                             f"{type(core).__name__} has no .model")
+        head = core.get_output_embeddings()
+        if is_lora_layer(head):
+            raise ValueError("fused_linear=True reads the student's LM head weight, but it carries LoRA adapters: "
+                             "leave the head out of the LoRA target modules (e.g. target 'all-linear')")
         outputs = base(**audio_view, use_cache=False)
         student_hidden, target_ids = gather_targets(outputs.last_hidden_state, labels)
         teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch)
-        student_weight, student_bias = lm_head_parameters(model)
+        student_weight, student_bias = lm_head_parameters(core)
         teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
         device = student_hidden.device
         loss = fused_linear_contrastive_kd_loss(
