@@ -61,6 +61,10 @@ class CAADConfig(TrainingArguments):
             # Under torchrun/accelerate launch without a GPU, accelerate sets up DDP (gloo) only when told to use
             # the CPU; otherwise every rank silently trains alone on the whole data set.
             self.use_cpu = True
+        if self.fused_linear and self.ddp_find_unused_parameters is None:
+            # The student's head weight enters the loss outside the model's forward (fused_linear), so DDP's
+            # unused-parameter search would count it unused, then see its gradient arrive: every parameter is used.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         self.kd_options()  # validate the loss options up front, with SPEC §3's messages
         if self.text_only_view not in ("drop", "silence"):
@@ -72,6 +76,15 @@ class CAADConfig(TrainingArguments):
         return KDOptions(alpha=self.alpha, plausibility_beta=self.plausibility_beta, temperature=self.temperature,
                          divergence=self.divergence, jsd_beta=self.jsd_beta, soft_weight=self.soft_weight,
                          hard_weight=self.hard_weight)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
 
 
 class _CountingCollator:
@@ -184,17 +197,25 @@ class CAADTrainer(Trainer):
 
     def _fused_linear_loss(self, model, audio_view, labels, teacher_batch, options):
         """The loss from final hidden states and LM heads: logits exist one chunk of tokens at a time."""
-        core = unwrap_peft(model)  # a LoRA student: its adapters live inside the base model's modules
-        base = getattr(core, "model", None)
-        if base is None:
-            raise ValueError(f"fused_linear=True needs a model with .model and an output head; "
-                             f"{type(core).__name__} has no .model")
-        head = core.get_output_embeddings()
+        # The model inside the DDP/FSDP and PEFT wrappers (a LoRA student's adapters live in its own modules).
+        core = unwrap_peft(self.accelerator.unwrap_model(model))
+        head = core.get_output_embeddings() if callable(getattr(core, "get_output_embeddings", None)) else None
+        if head is None:
+            raise ValueError(f"fused_linear=True needs the student's output head; {type(core).__name__} has none")
         if is_lora_layer(head):
             raise ValueError("fused_linear=True reads the student's LM head weight, but it carries LoRA adapters: "
                              "leave the head out of the LoRA target modules (e.g. target 'all-linear')")
-        outputs = base(**audio_view, use_cache=False)
-        student_hidden, target_ids = gather_targets(outputs.last_hidden_state, labels)
+        if getattr(_text_config(core.config), "final_logit_softcapping", None):
+            raise ValueError(f"fused_linear=True: {type(core).__name__} soft-caps its logits after the head, which "
+                             "the fused-linear loss cannot reproduce; use the logits path")
+        # Through the wrappers (DDP must see the forward to synchronise gradients), with the head made the
+        # identity for this call: the "logits" are the head's inputs, and no [B, L, V] logits are computed.
+        head.forward = _identity
+        try:
+            outputs = model(**audio_view, use_cache=False)
+        finally:
+            del head.forward
+        student_hidden, target_ids = gather_targets(outputs.logits, labels)
         teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch)
         student_weight, student_bias = lm_head_parameters(core)
         teacher_weight, teacher_bias = lm_head_parameters(self.teacher)

@@ -78,3 +78,46 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(setup, single, l
     assert worst < 1e-5, f"max weight difference 1 process vs 2 processes: {worst:.3g} (steps moved {moved:.3g})"
     # Only rank 0 writes the result.
     assert json.loads((tmp_path / "config.json").read_text())["per_device_train_batch_size"] == 2
+
+
+SCRIPT = '''
+import sys, torch
+from caad.synthetic import beep_records
+from caad.tiny_models import build_processor, build_tokenizer, tiny_qwen2_audio
+from caad.trainer import CAADConfig, CAADTrainer
+fused, batch, out = sys.argv[1] == "1", int(sys.argv[2]), sys.argv[3]
+tokenizer = build_tokenizer()
+records = beep_records(8, seed=3)
+examples = [{"audio": r["audio"]["array"], "instruction": r["instruction"],
+             "pseudo_gt": " ".join([r["label"]] * 2 ** i)} for i, r in enumerate(records)]
+student = tiny_qwen2_audio(tokenizer, hidden=32, layers=1, seed=1)
+args = CAADConfig(output_dir=out, per_device_train_batch_size=batch, num_train_epochs=1, learning_rate=0.5, optim="sgd",
+                  lr_scheduler_type="constant", report_to=[], save_strategy="no", seed=0, kd_backend="cpu",
+                  fused_linear=fused, hard_weight=0.5, use_cpu=True)
+trainer = CAADTrainer(model=student, teacher_model=tiny_qwen2_audio(tokenizer, hidden=64, layers=2, seed=7), args=args,
+                      processor=build_processor(tokenizer), train_dataset=examples)
+trainer.train()
+if trainer.is_world_process_zero():
+    torch.save({n: p.detach() for n, p in student.named_parameters()}, out + "/weights.pt")
+'''
+
+
+def test_fused_linear_under_ddp_equals_the_logits_path_of_one_process(tmp_path):
+    """fused_linear runs the student through the DDP wrapper (its head made the identity for the call), so the
+    gradients are synchronised; SGD, so equal gradients give equal weights."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    runs = {"single": ([sys.executable], "0", "4"),
+            "ddp": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "1", "2")}
+    weights = {}
+    for name, (launch, fused, batch) in runs.items():
+        out = tmp_path / name
+        out.mkdir()
+        done = subprocess.run([*launch, str(script), fused, batch, str(out)], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        weights[name] = torch.load(out / "weights.pt")
+    single, ddp = weights["single"], weights["ddp"]
+    worst = max((single[k] - ddp[k]).abs().max().item() for k in single)
+    assert worst < 1e-5, worst
