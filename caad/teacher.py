@@ -41,6 +41,7 @@ from .models import family_of, family_or_none
 __all__ = [
     "AUDIO_PLACEHOLDER",
     "DualViewCollator",
+    "PairedViewCollator",
     "build_prompts",
     "gather_targets",
     "teacher_forward_both_views",
@@ -308,6 +309,40 @@ class DualViewCollator:
             attention_mask[b, : p + t] = 1
             labels[b, p : p + t] = torch.tensor(target, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PairedViewCollator:
+    """The student's views and, under ``"teacher"``, the teacher's own views of the same examples, for a teacher
+    whose processor renders inputs differently (another family, feature extractor or chat template) but shares the
+    student's tokenizer: the target tokens, and so the gathered rows, are then the same in both (checked).
+
+    Output: ``student(examples)`` plus ``"teacher": {"audio_view": ..., "text_view": ...}`` from ``teacher``.
+    """
+
+    def __init__(self, student: DualViewCollator, teacher: DualViewCollator) -> None:
+        self.student, self.teacher = student, teacher
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self.student(examples)
+        theirs = self.teacher(examples)
+        if not torch.equal(batch["target_ids"], theirs["target_ids"]):
+            raise ValueError(
+                f"the teacher's processor ({self.teacher.family.name}) renders other target tokens than the "
+                f"student's ({self.student.family.name}): {theirs['target_ids'].numel()} vs "
+                f"{batch['target_ids'].numel()} tokens; their chat templates must close an assistant turn alike")
+        batch["teacher"] = {"audio_view": theirs["audio_view"], "text_view": theirs["text_view"]}
+        return batch
+
+
+def needs_own_views(student_processor: Any, teacher_processor: Any) -> bool:
+    """Whether a teacher's processor would render other model inputs than the student's."""
+    if family_of(student_processor) is not family_of(teacher_processor):
+        return True
+    s_fe, t_fe = student_processor.feature_extractor, teacher_processor.feature_extractor
+    same_audio = type(s_fe) is type(t_fe) and s_fe.to_dict() == t_fe.to_dict()
+    same_chat = (getattr(student_processor.tokenizer, "chat_template", None)
+                 == getattr(teacher_processor.tokenizer, "chat_template", None))
+    return not (same_audio and same_chat)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

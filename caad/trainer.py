@@ -25,7 +25,14 @@ from caad_kernels.options import KDOptions
 
 from .peft_student import is_lora_layer
 from .peft_student import unwrap as unwrap_peft
-from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views, teacher_hidden_both_views
+from .teacher import (
+    DualViewCollator,
+    PairedViewCollator,
+    gather_targets,
+    needs_own_views,
+    teacher_forward_both_views,
+    teacher_hidden_both_views,
+)
 from .vocabulary import check_shared_vocabulary
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -125,6 +132,10 @@ class CAADTrainer(Trainer):
             if processor is None:
                 raise ValueError("CAADTrainer needs a processor (or a data_collator) to build the dual views")
             data_collator = DualViewCollator(processor, text_only_view=args.text_only_view)
+            if teacher_processor is not None and needs_own_views(processor, teacher_processor):
+                # e.g. a teacher of another family: its own prompts and features, the same target tokens
+                data_collator = PairedViewCollator(
+                    data_collator, DualViewCollator(teacher_processor, text_only_view=args.text_only_view))
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
@@ -160,8 +171,8 @@ class CAADTrainer(Trainer):
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
         labels = inputs["audio_view"]["labels"]
         teacher_device = next(self.teacher.parameters()).device
-        teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
-                                 teacher_device)
+        views = inputs.get("teacher", inputs)  # a teacher with its own processor has its own views
+        teacher_batch = self._to({"audio_view": views["audio_view"], "text_view": views["text_view"]}, teacher_device)
         o = self._kd
         options = dict(alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
                        divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight,

@@ -143,3 +143,35 @@ def test_layer_selection_makes_a_student_of_the_family(family):
     inputs = {k: v for k, v in batch["audio_view"].items() if k != "labels"}
     with torch.no_grad():
         assert np.isfinite(student(**inputs).logits.numpy()).all()
+
+
+def test_a_pair_across_families_on_one_vocabulary_trains(tmp_path):
+    """A Qwen2-Audio teacher and an Audio Flamingo 3 student on one tokenizer: the teacher gets its own prompts
+    and features (its placeholder, its feature extractor), the rows line up through the shared target tokens."""
+    import copy
+
+    from caad.models.audio_flamingo3 import SOUND
+    from caad.teacher import PairedViewCollator
+    from caad.tiny_models import build_processor, build_tokenizer, tiny_qwen2_audio
+
+    shared = build_tokenizer()
+    shared.add_tokens([SOUND], special_tokens=True)
+    teacher_tokenizer = copy.deepcopy(shared)
+    teacher = tiny_qwen2_audio(teacher_tokenizer, hidden=32, layers=2, seed=7)
+    teacher_processor = build_processor(teacher_tokenizer)
+    student, processor = families()["Audio Flamingo 3"].build_tiny(hidden=16, layers=1, seed=1, tokenizer=shared)
+    records = beep_records(3, seed=2)
+    examples = [{"audio": r["audio"]["array"], "instruction": r["instruction"], "pseudo_gt": r["label"]}
+                for r in records]
+    trainer = CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, max_steps=4),
+                          processor=processor, teacher_processor=teacher_processor, train_dataset=examples)
+    collator = trainer.data_collator.inner
+    assert isinstance(collator, PairedViewCollator)
+    batch = collator(examples)
+    assert "input_features_mask" in batch["audio_view"] and "feature_attention_mask" in batch["teacher"]["audio_view"]
+    # The teacher's rows are its own forward on its own views, in the student's row order.
+    a, _, ids = teacher_forward_both_views(teacher, batch["teacher"])
+    assert torch.equal(ids, batch["target_ids"])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < losses[0], losses

@@ -26,9 +26,13 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length: int = 2) -> tuple[Any, Any]:
+def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length: int = 2,
+               tokenizer: Any = None) -> tuple[Any, Any]:
     """A random tiny AF3 (Qwen2 decoder of ``hidden`` width and ``layers`` layers) and its real processor over an
-    offline byte-level tokenizer that has ``<sound>`` and Qwen's chat tokens."""
+    offline byte-level tokenizer that has ``<sound>`` and Qwen's chat tokens (a copy of ``tokenizer`` if given,
+    which must already hold ``<sound>``, e.g. to pair the model with another family's on one vocabulary)."""
+    import copy
+
     import torch
     from transformers import (
         AudioFlamingo3Config,
@@ -40,8 +44,13 @@ def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length
     from ..tiny_models import HOP_LENGTH, IM_START, SAMPLING_RATE, build_tokenizer
 
     mels = 80
-    tokenizer = build_tokenizer()
-    tokenizer.add_tokens([SOUND], special_tokens=True)
+    if tokenizer is None:
+        tokenizer = build_tokenizer()
+        tokenizer.add_tokens([SOUND], special_tokens=True)
+    else:
+        tokenizer = copy.deepcopy(tokenizer)
+        if SOUND not in tokenizer.get_vocab():
+            raise ValueError(f"tokenizer has no {SOUND} token")
     tokenizer.chat_template = CHAT_TEMPLATE
     extractor = WhisperFeatureExtractor(feature_size=mels, sampling_rate=SAMPLING_RATE, hop_length=HOP_LENGTH,
                                         chunk_length=chunk_length)
