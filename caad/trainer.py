@@ -85,15 +85,19 @@ class CAADTrainer(Trainer):
     Args:
         model: the student (any HF audio-text model whose forward takes ``input_ids`` and audio features).
         teacher_model: the teacher; frozen, put in eval mode, moved to ``args.teacher_device``/``teacher_dtype``.
+            It is run only for the terms the loss reads: not at all with ``soft_weight=0`` (it may then be None),
+            its text-only view not with ``alpha=0``.
         args: a :class:`CAADConfig`.
         processor: the student's processor; builds the default :class:`DualViewCollator`.
         Other arguments as ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, teacher_model: nn.Module, args: CAADConfig, processor: Any = None,
+    def __init__(self, model: nn.Module, teacher_model: nn.Module | None, args: CAADConfig, processor: Any = None,
                  data_collator: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, CAADConfig):
             raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
+        if teacher_model is None and args.soft_weight != 0:
+            raise ValueError(f"teacher_model is None, but soft_weight={args.soft_weight} > 0 needs a teacher")
         if data_collator is None:
             if processor is None:
                 raise ValueError("CAADTrainer needs a processor (or a data_collator) to build the dual views")
@@ -101,7 +105,9 @@ class CAADTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
-        self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+        # The teacher is an attribute, not the Trainer's model: checkpoints hold the student only.
+        self.teacher = (self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+                        if teacher_model is not None else None)
         self._kd = args.kd_options()
         self._metrics = self._empty_metrics()
 
@@ -131,10 +137,12 @@ class CAADTrainer(Trainer):
         start = time.perf_counter()
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
         labels = inputs["audio_view"]["labels"]
-        teacher_device = next(self.teacher.parameters()).device
-        teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
-                                 teacher_device)
         o = self._kd
+        teacher_batch = None
+        if o.uses_teacher:
+            teacher_device = next(self.teacher.parameters()).device
+            teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
+                                     teacher_device)
         options = dict(alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
                        divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight,
                        hard_weight=o.hard_weight, num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
@@ -146,7 +154,11 @@ class CAADTrainer(Trainer):
         else:
             outputs = model(**audio_view)
             student_rows, target_ids = gather_targets(outputs.logits, labels)
-            teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch)
+            if o.uses_teacher:
+                teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch,
+                                                                            with_text=o.uses_text)
+            else:  # soft_weight=0: the soft term is not read; the student's rows stand in for the teacher's
+                teacher_audio, teacher_text = student_rows.detach(), None
             device = student_rows.device
             loss = contrastive_kd_loss(
                 student_rows, teacher_audio.to(device), teacher_text.to(device) if o.uses_text else None,
@@ -171,9 +183,14 @@ class CAADTrainer(Trainer):
                              f"{type(model).__name__} has no .model")
         outputs = base(**audio_view, use_cache=False)
         student_hidden, target_ids = gather_targets(outputs.last_hidden_state, labels)
-        teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch)
         student_weight, student_bias = lm_head_parameters(model)
-        teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        if self._kd.uses_teacher:
+            teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch,
+                                                                       with_text=self._kd.uses_text)
+            teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        else:  # soft_weight=0: the soft term is not read; the student stands in for the teacher
+            teacher_audio, teacher_text = student_hidden.detach(), None
+            teacher_weight, teacher_bias = student_weight.detach(), None
         device = student_hidden.device
         loss = fused_linear_contrastive_kd_loss(
             student_hidden, student_weight, teacher_audio.to(device),
