@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
 from caad_kernels.fused_linear import lm_head_parameters
@@ -110,6 +110,20 @@ class CAADTrainer(Trainer):
                         if teacher_model is not None else None)
         self._kd = args.kd_options()
         self._metrics = self._empty_metrics()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume the student's weights with ``from_pretrained``'s key mapping.
+
+        ``save_pretrained`` writes some models (Qwen2-Audio in transformers 5) under their original checkpoint
+        key names; the Trainer's own loader then matches no key and, with only a logged warning, resumes from
+        the initial weights. Loading through ``from_pretrained`` maps the names back; the copy is strict.
+        """
+        model = self.model if model is None else model
+        if not isinstance(model, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        del saved
 
     @staticmethod
     def _empty_metrics() -> dict[str, Any]:

@@ -23,20 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """Tiny random teacher and student folders (save_pretrained + processor) and a small labelled JSONL."""
-    from caad.data import load_records, save_jsonl
-    from caad.synthetic import beep_records
-    from caad.tiny_models import build_processor, build_tokenizer, tiny_qwen2_audio
+    from tiny_model_dirs import make_model_dirs
 
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    for name, hidden, layers, seed in (("teacher", 32, 1, 7), ("student", 16, 1, 1)):
-        model = tiny_qwen2_audio(tokenizer, hidden=hidden, layers=layers, seed=seed)
-        model.save_pretrained(root / name)
-        processor.save_pretrained(root / name)
-    save_jsonl(load_records(beep_records(4, seed=2))[0], root / "data.jsonl")
-    return root
+    return make_model_dirs(tmp_path_factory.mktemp("models"))
 
 
 def _run(argv, capsys):
