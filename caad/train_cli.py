@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
 from .atomic import write_dir_atomically, write_text_atomically
 from .cli_errors import CLIError
 from .cli_options import Resolved
+from .data import RecordError
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -98,10 +100,21 @@ def run_train(o: Resolved, loss: dict[str, Any]) -> int:
     train_args = training_arguments(o, loss)  # before any model loading: a bad value fails in a second
     resume = _resume_path(o)
     processor = _processor(o["student"], "--student")
-    # Records without a Stage-1 target get one rendered from their label/metadata (--template).
-    examples = [{"audio": r.audio, "instruction": r.instruction,
-                 "pseudo_gt": r.pseudo_gt if r.pseudo_gt is not None else render_template(r, o["template"])}
-                for r in _records(o["data"], o["skip_bad"], processor)]
+    examples, n_empty = [], 0
+    for r in _records(o["data"], o["skip_bad"], processor):
+        # Records without a Stage-1 target get one rendered from their label/metadata (--template).
+        target = r.pseudo_gt if r.pseudo_gt is not None else render_template(r, o["template"])
+        if not target.strip():  # the collator would fail on it mid-training, with a traceback
+            if not o["skip_bad"]:
+                raise RecordError(f"{o['data']}: record {r.id!r} has an empty Pseudo-GT target; fix or drop it, "
+                                  "or pass --skip-bad")
+            n_empty += 1
+            continue
+        examples.append({"audio": r.audio, "instruction": r.instruction, "pseudo_gt": target})
+    if n_empty:
+        print(f"caad: skipped {n_empty} record(s) with an empty Pseudo-GT target", file=sys.stderr)
+    if not examples:
+        raise CLIError(f"{o['data']} has no record with a Pseudo-GT target to train on")
     print(_summary(train_args, len(examples)), flush=True)  # what will run: no silent defaults
     student = _load_model(o["student"], "--student")
     teacher = _load_model(o["teacher"], "--teacher") if train_args.kd_options().uses_teacher else None

@@ -38,7 +38,8 @@ def _run(argv, capsys):
 def _one_error_line(argv, capsys, command, *fragments):
     status, err = _run(argv, capsys)
     # progress bars may precede it; the error is one line, the last, and there is no traceback
-    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "rec/s" not in x]
+    lines = [x for x in err.replace("\r", "\n").splitlines()
+             if x.strip() and "rec/s" not in x and not x.startswith("caad: skipped")]
     assert status == 2, err
     assert len(lines) == 1 and lines[0].startswith(f"caad {command}: error: "), err
     assert "Traceback" not in err
@@ -243,6 +244,12 @@ def test_train_and_eval_errors_after_validation(models, tmp_path, capsys):
                                              "label": "one"}])
     _one_error_line(["train", "--data", long, "--teacher", teacher, "--student", student, "--output-dir",
                      tmp_path / "o"], capsys, "train", "record 'too-long'", "5.00 s")
+    # an empty Pseudo-GT target: named before training (before: a collator traceback mid-training)
+    empty = _jsonl(tmp_path / "empty.jsonl", [_rec(0, pseudo_gt="  ")])
+    _one_error_line(["train", "--data", empty, "--teacher", teacher, "--student", student, "--output-dir",
+                     tmp_path / "o"], capsys, "train", "record 'r0' has an empty Pseudo-GT target")
+    _one_error_line(["train", "--data", empty, "--teacher", teacher, "--student", student, "--output-dir",
+                     tmp_path / "o", "--skip-bad"], capsys, "train", "no record with a Pseudo-GT target")
     # caad eval
     _one_error_line(["eval", "--data", data], capsys, "eval", "--student DIR and/or --teacher DIR")
     _one_error_line(["eval", "--data", data, "--student", student, "--contrastive"], capsys, "eval",
