@@ -24,6 +24,7 @@ from .cli_options import (
     Resolved,
     add_option,
     integer,
+    load_config,
     nonnegative_real,
     positive_int,
     positive_real,
@@ -69,7 +70,15 @@ def _version() -> str:
 def _merged(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, Any]:
     """Flags given on the command line > the config file > ``defaults`` (for handlers that keep their own
     defaults; new code uses :func:`caad.cli_options.resolve`)."""
-    parser = args.command_parser
+    parser = getattr(args, "command_parser", None)
+    if parser is None:  # a subcommand added without add_command: no flag types to check the file against
+        path = getattr(args, "config", None)
+        config = load_config(path)
+        unknown = sorted(set(config) - set(defaults))
+        if unknown:
+            raise CLIError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
+        given = {k: v for k, v in vars(args).items() if v is not None and k in defaults}
+        return {**defaults, **{k: v for k, v in config.items() if k in defaults}, **given}
     o = resolve(args, parser, extra={k: v for k, v in defaults.items() if not hasattr(args, k)})
     return {k: (o.values[k] if k in o.given else defaults[k]) for k in defaults}
 

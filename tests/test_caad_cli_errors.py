@@ -322,3 +322,34 @@ def test_cli_loss_defaults_agree_with_caadconfig_and_eval_with_training():
     args = build_parser().parse_args(["eval", "--data", "x"])
     o = resolve(args, args.command_parser)
     assert o["plausibility_beta"] == fields["plausibility_beta"] and o["alpha"] == fields["alpha"]
+
+
+def test_run_handler_gives_any_subcommand_the_one_line_errors(tmp_path, capsys):
+    """What a subcommand added by other code gets from main(): expected errors as one line, bugs raised."""
+    import argparse
+
+    from caad.cli import _merged
+    from caad.cli_errors import run_handler
+    from caad.data import RecordError
+
+    for exc, line in ((CLIError("--x 3: too big"), "caad x: error: --x 3: too big"),
+                      (SystemExit("caad x: --y is required"), "caad x: error: --y is required"),
+                      (RecordError("record 'a': no audio"), "caad x: error: record 'a': no audio"),
+                      (FileNotFoundError(2, "No such file or directory", "m.bin"),
+                       "caad x: error: m.bin: No such file or directory")):
+        def handler(args, exc=exc):
+            raise exc
+
+        assert run_handler("x", handler, argparse.Namespace()) == 2
+        assert capsys.readouterr().err == line + "\n"
+    with pytest.raises(KeyError):
+        run_handler("x", lambda args: {}["bug"], argparse.Namespace())
+    assert run_handler("x", lambda args: None, argparse.Namespace()) == 0
+    # _merged without add_command's parser: the config file still refuses unknown names
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"a": 2, "b": 3}')
+    args = argparse.Namespace(config=str(cfg), a=None, c=5)
+    with pytest.raises(CLIError, match="unknown option.*b"):
+        _merged(args, {"a": 1, "c": 0})
+    cfg.write_text('{"a": 2}')
+    assert _merged(args, {"a": 1, "c": 0}) == {"a": 2, "c": 5}
