@@ -479,8 +479,19 @@ def _check_same_targets(a_ids: Tensor, t_ids: Tensor) -> None:
         )
 
 
+def _audio_view_inputs(model: Any, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor, int]:
+    """The audio view alone as a model input (for ``with_text=False``), its labels, and B."""
+    audio_view = batch["audio_view"]
+    inputs = {k: v for k, v in audio_view.items() if k != "labels" and isinstance(v, Tensor)}
+    device = getattr(model, "device", None)
+    if device is not None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    return inputs, audio_view["labels"], audio_view["labels"].shape[0]
+
+
 @torch.no_grad()
-def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any], *,
+                              with_text: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
     """Like :func:`teacher_forward_both_views`, but returns the teacher's final hidden states at the target
     positions instead of logits, for the fused-linear loss (no ``[N, V]`` teacher logits at all).
 
@@ -491,10 +502,12 @@ def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
         raise ValueError(
             f"{type(model).__name__}: the fused-linear path needs a family whose logits are head(base_model(...)) "
             "(caad.models: head_on_targets); use the logits path")
-    inputs, labels, n = _stacked_inputs(model, batch)
+    inputs, labels, n = _stacked_inputs(model, batch) if with_text else _audio_view_inputs(model, batch)
     base, _ = _base_and_head(model)
-    hidden = base(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
+    hidden = base(**inputs, use_cache=False).last_hidden_state  # [2B, L, H] ([B, L, H] audio only)
     a_rows, a_ids = gather_targets(hidden[:n], labels[:n])
+    if not with_text:
+        return a_rows, None, a_ids
     t_rows, t_ids = gather_targets(hidden[n:], labels[n:])
     _check_same_targets(a_ids, t_ids)
     return a_rows, t_rows, a_ids
@@ -502,8 +515,8 @@ def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
 
 @torch.no_grad()
 def teacher_forward_both_views(
-    model: Any, batch: Mapping[str, Any], *, head_on_targets_only: bool | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    model: Any, batch: Mapping[str, Any], *, head_on_targets_only: bool | None = None, with_text: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Teacher-force both views of ``batch`` in ONE batched forward and gather the target rows.
 
     The audio-view rows ``[0, B)`` and text-view rows ``[B, 2B)`` are stacked (right-padded to a common length; the
@@ -518,12 +531,14 @@ def teacher_forward_both_views(
             target rows, so the ``[2B, L, V]`` logits never exist (saves memory for large V). ``None`` = use it for
             families where it is exact (:mod:`caad.models`, ``head_on_targets``); ``True`` requires
             ``model.base_model`` and ``model.get_output_embeddings()``.
+        with_text: ``False`` runs the audio view only (B rows, not 2B) and returns None for the text logits: what
+            a loss with ``alpha=0`` needs.
 
     Returns:
         ``(teacher_audio_logits [N_tgt, V], teacher_text_logits [N_tgt, V], target_ids [N_tgt] int64)``, the logits in
         the model's dtype; rows in the same order as ``gather_targets(student_logits, batch["audio_view"]["labels"])``.
     """
-    inputs, labels, n = _stacked_inputs(model, batch)
+    inputs, labels, n = _stacked_inputs(model, batch) if with_text else _audio_view_inputs(model, batch)
 
     if head_on_targets_only is None:
         head_on_targets_only = _supports_head_on_targets(model)
@@ -531,11 +546,15 @@ def teacher_forward_both_views(
         base, head = _base_and_head(model)
         hidden = base(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
         a_rows, a_ids = gather_targets(hidden[:n], labels[:n])
+        if not with_text:
+            return head(a_rows), None, a_ids
         t_rows, t_ids = gather_targets(hidden[n:], labels[n:])
         a_logits, t_logits = head(a_rows), head(t_rows)
     else:
         logits = model(**inputs, use_cache=False).logits  # [2B, L, V]
         a_logits, a_ids = gather_targets(logits[:n], labels[:n])
+        if not with_text:
+            return a_logits, None, a_ids
         t_logits, t_ids = gather_targets(logits[n:], labels[n:])
     _check_same_targets(a_ids, t_ids)
     return a_logits, t_logits, a_ids

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
 from caad_kernels.fused_linear import lm_head_parameters
@@ -113,6 +113,8 @@ class CAADTrainer(Trainer):
     Args:
         model: the student (any HF audio-text model whose forward takes ``input_ids`` and audio features).
         teacher_model: the teacher; frozen, put in eval mode, moved to ``args.teacher_device``/``teacher_dtype``.
+            It is run only for the terms the loss reads: not at all with ``soft_weight=0`` (it may then be None),
+            its text-only view not with ``alpha=0``.
         args: a :class:`CAADConfig`.
         processor: the student's processor; builds the default :class:`DualViewCollator`.
         teacher_processor: the teacher's processor or tokenizer, if it has its own: refused unless it maps every
@@ -120,10 +122,12 @@ class CAADTrainer(Trainer):
         Other arguments as ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, teacher_model: nn.Module, args: CAADConfig, processor: Any = None,
+    def __init__(self, model: nn.Module, teacher_model: nn.Module | None, args: CAADConfig, processor: Any = None,
                  data_collator: Any = None, teacher_processor: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, CAADConfig):
             raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
+        if teacher_model is None and args.soft_weight != 0:
+            raise ValueError(f"teacher_model is None, but soft_weight={args.soft_weight} > 0 needs a teacher")
         if teacher_processor is not None:
             if processor is None:
                 raise ValueError("teacher_processor needs processor (the student's) to compare vocabularies with")
@@ -140,9 +144,25 @@ class CAADTrainer(Trainer):
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+        # The teacher is an attribute, not the Trainer's model: checkpoints hold the student only.
+        self.teacher = (self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+                        if teacher_model is not None else None)
         self._kd = args.kd_options()
         self._metrics = self._empty_metrics()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume the student's weights with ``from_pretrained``'s key mapping.
+
+        ``save_pretrained`` writes some models (Qwen2-Audio in transformers 5) under their original checkpoint
+        key names; the Trainer's own loader then matches no key and, with only a logged warning, resumes from
+        the initial weights. Loading through ``from_pretrained`` maps the names back; the copy is strict.
+        """
+        model = self.model if model is None else model
+        if not isinstance(model, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        model.load_state_dict(saved.state_dict(), strict=True)
+        del saved
 
     @staticmethod
     def _empty_metrics() -> dict[str, Any]:
@@ -170,10 +190,13 @@ class CAADTrainer(Trainer):
         start = time.perf_counter()
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
         labels = inputs["audio_view"]["labels"]
-        teacher_device = next(self.teacher.parameters()).device
-        views = inputs.get("teacher", inputs)  # a teacher with its own processor has its own views
-        teacher_batch = self._to({"audio_view": views["audio_view"], "text_view": views["text_view"]}, teacher_device)
         o = self._kd
+        teacher_batch = None
+        if o.uses_teacher:
+            teacher_device = next(self.teacher.parameters()).device
+            views = inputs.get("teacher", inputs)  # a teacher with its own processor has its own views
+            teacher_batch = self._to({"audio_view": views["audio_view"], "text_view": views["text_view"]},
+                                     teacher_device)
         options = dict(alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
                        divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight,
                        hard_weight=o.hard_weight, num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
@@ -185,7 +208,11 @@ class CAADTrainer(Trainer):
         else:
             outputs = model(**audio_view)
             student_rows, target_ids = gather_targets(outputs.logits, labels)
-            teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch)
+            if o.uses_teacher:
+                teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch,
+                                                                            with_text=o.uses_text)
+            else:  # soft_weight=0: the soft term is not read; the student's rows stand in for the teacher's
+                teacher_audio, teacher_text = student_rows.detach(), None
             device = student_rows.device
             loss = contrastive_kd_loss(
                 student_rows, teacher_audio.to(device), teacher_text.to(device) if o.uses_text else None,
@@ -227,9 +254,14 @@ class CAADTrainer(Trainer):
         finally:
             del head.forward
         student_hidden, target_ids = gather_targets(outputs.logits, labels)
-        teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch)
         student_weight, student_bias = lm_head_parameters(core)
-        teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        if self._kd.uses_teacher:
+            teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch,
+                                                                       with_text=self._kd.uses_text)
+            teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        else:  # soft_weight=0: the soft term is not read; the student stands in for the teacher
+            teacher_audio, teacher_text = student_hidden.detach(), None
+            teacher_weight, teacher_bias = student_weight.detach(), None
         device = student_hidden.device
         loss = fused_linear_contrastive_kd_loss(
             student_hidden, student_weight, teacher_audio.to(device),

@@ -8,6 +8,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("soundfile")
 
 from caad.cli import _merged, build_parser, main  # noqa: E402
+from caad.cli_errors import CLIError  # noqa: E402
 from caad.demo import DemoSettings, run_demo  # noqa: E402
 
 
@@ -73,15 +74,16 @@ def test_train_eval_and_pseudo_gt_commands_on_demo_checkpoints(demo, tmp_path):
 
 
 def test_config_file_and_flags(tmp_path):
-    """Flags on the command line win over the config file, which wins over the defaults."""
+    """Flags on the command line win over the config file, which wins over the defaults (the _merged helper that
+    handlers with their own defaults use)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("alpha: 0.25\ntemperature: 2.0\nkd-backend: torch\n")
     args = build_parser().parse_args(["train", "--config", str(cfg), "--alpha", "0.75"])
-    opts = _merged(args, {"alpha": 1.0, "temperature": 1.0, "kd_backend": "auto", "config": None})
-    assert opts["alpha"] == 0.75 and opts["temperature"] == 2.0 and opts["kd_backend"] == "torch"
+    opts = _merged(args, {"alpha": 1.0, "temperature": 1.0, "kd_backend": "auto", "seed": 5})
+    assert opts == {"alpha": 0.75, "temperature": 2.0, "kd_backend": "torch", "seed": 5}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"alhpa": 1}))
-    with pytest.raises(SystemExit, match="alhpa"):
+    with pytest.raises(CLIError, match="alhpa"):
         _merged(build_parser().parse_args(["train", "--config", str(bad)]), {"alpha": 1.0})
 
 
@@ -89,25 +91,7 @@ def test_help_and_argument_errors(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "pseudo-gt" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--teacher DIR and --student DIR"):
-        main(["train", "--data", "x.jsonl"])
-    with pytest.raises(SystemExit, match="--data and --out"):
-        main(["pseudo-gt"])
-
-
-def test_audio_longer_than_the_model_window_is_a_named_error(demo, tmp_path):
-    """`caad train` refuses a clip longer than the processor's window (or skips it with --skip-bad)."""
-    import numpy as np
-    import soundfile as sf
-
-    out, _, _ = demo
-    run = out / "run"
-    teacher = next((out / "cache").glob("teacher-*"))
-    wav = tmp_path / "long.wav"
-    sf.write(wav, np.zeros(16000 * 5, dtype=np.float32), 16000)  # 5 s > the tiny processor's 2 s window
-    data = tmp_path / "long.jsonl"
-    data.write_text(json.dumps({"id": "too-long", "audio": str(wav), "instruction": "How many beeps?",
-                                "label": "one"}) + "\n")
-    with pytest.raises(ValueError, match="too-long"):
-        main(["train", "--teacher", str(teacher), "--student", str(run / "student"), "--data", str(data),
-              "--output-dir", str(tmp_path / "o")])
+    assert main(["train", "--data", "x.jsonl"]) == 2
+    assert "--teacher and --student are required" in capsys.readouterr().err
+    assert main(["pseudo-gt"]) == 2
+    assert "--data and --out are required" in capsys.readouterr().err
