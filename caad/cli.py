@@ -384,7 +384,7 @@ def _train_parser(sub: Any) -> None:
 
 
 def cmd_make_student(args: argparse.Namespace) -> int:
-    from .make_student import select_layers
+    from .make_student import chosen_layers, select_layers, text_depth
 
     o = resolve(args, args.command_parser)
     _require(o, "make-student", "teacher", "out")
@@ -397,6 +397,12 @@ def cmd_make_student(args: argparse.Namespace) -> int:
         except ValueError:
             raise CLIError(f"--layer-ids must be comma-separated integers, got {o['layer_ids']!r}") from None
     _check_model_dir(o["teacher"], "--teacher")
+    from transformers import AutoConfig
+
+    try:  # the choice is checked against the config before the weights are loaded
+        chosen_layers(text_depth(AutoConfig.from_pretrained(o["teacher"])), layers=o["layers"], layer_ids=layer_ids)
+    except ValueError as exc:
+        raise CLIError(f"--layers/--layer-ids: {exc}") from exc
     teacher = _load_model(o["teacher"], "--teacher")
     try:
         student, kept = select_layers(teacher, layers=o["layers"], layer_ids=layer_ids)

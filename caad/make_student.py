@@ -29,6 +29,24 @@ def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
     return [round((num_layers - 1) * i / (keep - 1)) for i in range(keep)]
 
 
+def chosen_layers(depth: int, *, layers: int | None = None, layer_ids: Sequence[int] | None = None) -> list[int]:
+    """The teacher layers to keep, from a count (evenly spaced) or explicit ids, validated against ``depth``."""
+    if (layers is None) == (layer_ids is None):
+        raise ValueError("give exactly one of layers (a count) or layer_ids (which layers)")
+    if layer_ids is None:
+        return evenly_spaced_layers(depth, int(layers))
+    kept = [int(i) for i in layer_ids]
+    increasing = all(b > a for a, b in zip(kept, kept[1:], strict=False))
+    if not kept or not increasing or kept[0] < 0 or kept[-1] >= depth:
+        raise ValueError(f"layer_ids must be strictly increasing indices in [0, {depth}), got {list(layer_ids)}")
+    return kept
+
+
+def text_depth(config: Any) -> int:
+    """The decoder depth a config declares (``num_hidden_layers`` of its text config)."""
+    return int(_text_config(config).num_hidden_layers)
+
+
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The dotted name and the ``ModuleList`` of the text decoder's layers (found through ``get_decoder()``)."""
     get_decoder = getattr(model, "get_decoder", None)
@@ -76,15 +94,7 @@ def select_layers(teacher: nn.Module, *, layers: int | None = None,
     """
     prefix, teacher_layers = _decoder_layers(teacher)
     depth = len(teacher_layers)
-    if (layers is None) == (layer_ids is None):
-        raise ValueError("give exactly one of layers (a count) or layer_ids (which layers)")
-    if layer_ids is None:
-        kept = evenly_spaced_layers(depth, int(layers))
-    else:
-        kept = [int(i) for i in layer_ids]
-        increasing = all(b > a for a, b in zip(kept, kept[1:], strict=False))
-        if not kept or not increasing or kept[0] < 0 or kept[-1] >= depth:
-            raise ValueError(f"layer_ids must be strictly increasing indices in [0, {depth}), got {list(layer_ids)}")
+    kept = chosen_layers(depth, layers=layers, layer_ids=layer_ids)
 
     config = copy.deepcopy(teacher.config)
     text = _text_config(config)

@@ -1,6 +1,7 @@
 """`caad make-student` (layer selection) and the teacher/student vocabulary check, on tiny Qwen2-Audio models."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -124,12 +125,13 @@ def test_make_student_command_saves_a_loadable_student_with_the_teacher_processo
     with torch.no_grad():
         torch.testing.assert_close(student(**inputs).logits, reference(**inputs).logits, rtol=0, atol=0)
 
-    with pytest.raises(SystemExit, match="one of them"):
-        main(["make-student", "--from", str(teacher_dir), "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="comma-separated integers"):
-        main(["make-student", "--from", str(teacher_dir), "--out", str(tmp_path / "x"), "--layer-ids", "0,a"])
-    with pytest.raises(SystemExit, match="strictly increasing"):
-        main(["make-student", "--from", str(teacher_dir), "--out", str(tmp_path / "x"), "--layer-ids", "3,1"])
+    capsys.readouterr()
+    for extra, match in ([[], "one of them"], [["--layer-ids", "0,a"], "comma-separated integers"],
+                         [["--layer-ids", "3,1"], "strictly increasing"], [["--layers", "9"], r"in \[1, 4\]"]):
+        assert main(["make-student", "--from", str(teacher_dir), "--out", str(tmp_path / "x"), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("caad make-student: error:") and len(err.splitlines()) == 1, err
+        assert re.search(match, err), err
     assert not (tmp_path / "x").exists()
 
 
