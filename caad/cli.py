@@ -303,6 +303,9 @@ def _add_loss_options(parser: argparse.ArgumentParser) -> None:
             add_option(group, flag, kind=kind, default=default, help=help_text, metavar="X")
 
 
+_add_loss_flags = _add_loss_options  # the former name, for subcommands written against it
+
+
 def _pseudo_gt_parser(sub: Any) -> None:
     p = add_command(sub, "pseudo-gt", cmd_pseudo_gt, help="Stage 1: write a Pseudo-GT target for every record "
                     "(resumable)")
