@@ -156,8 +156,11 @@ def _records(path: str, skip_bad: bool, processor: Any = None) -> list:
     from .data import load_records
 
     # Audio longer than the model's window is a bad record (named, or skipped with --skip-bad), not a silent cut;
-    # it is measured before the audio is decoded.
-    records, skipped = load_records(path, skip_bad=skip_bad, max_audio_seconds=_audio_window_seconds(processor))
+    # it is measured before the audio is decoded. Audio is resampled to the model's own rate (a fixed 16 kHz
+    # would silently feed e.g. a 24 kHz model the wrong features).
+    rate = getattr(getattr(processor, "feature_extractor", None), "sampling_rate", None) or 16000
+    records, skipped = load_records(path, skip_bad=skip_bad, max_audio_seconds=_audio_window_seconds(processor),
+                                    target_sampling_rate=int(rate))
     if skipped:
         print(f"caad: skipped {skipped} bad record(s) of {path}", file=sys.stderr)
     if not records:
@@ -305,6 +308,9 @@ def _add_loss_options(parser: argparse.ArgumentParser) -> None:
             add_option(group, flag, default=default, choices=DIVERGENCES, help=help_text)
         else:
             add_option(group, flag, kind=kind, default=default, help=help_text, metavar="X")
+
+
+_add_loss_flags = _add_loss_options  # the former name, for subcommands written against it
 
 
 def _pseudo_gt_parser(sub: Any) -> None:

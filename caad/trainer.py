@@ -160,7 +160,7 @@ class CAADTrainer(Trainer):
         model = self.model if model is None else model
         if not isinstance(model, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        saved = type(model).from_pretrained(resume_from_checkpoint, dtype=model.dtype)
+        saved = type(model).from_pretrained(resume_from_checkpoint)  # load_state_dict casts to the live dtype
         model.load_state_dict(saved.state_dict(), strict=True)
         del saved
 

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("soundfile")
 
-from caad.cli import _merged, build_parser, main  # noqa: E402
+from caad.cli import TRAIN_DEFAULTS, _merged, build_parser, main  # noqa: E402
 from caad.cli_errors import CLIError  # noqa: E402
 from caad.demo import DemoSettings, run_demo  # noqa: E402
 
@@ -33,6 +33,8 @@ def test_demo_writes_checkpoint_metrics_and_config(demo):
     assert 0.4 < metrics["chance"] < 0.45  # (1/4 + 1/2 + 1/2) / 3 on the balanced questions
     config = json.loads((run / "config.json").read_text())
     assert config["demo"]["n_train"] == 24 and config["train_args"]["alpha"] == 1.0
+    # the demo and `caad train --data` agree on the learning-rate schedule
+    assert config["train_args"]["lr_scheduler_type"] == TRAIN_DEFAULTS["lr_scheduler_type"] == "constant"
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     student = Qwen2AudioForConditionalGeneration.from_pretrained(run / "student")

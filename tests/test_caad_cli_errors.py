@@ -353,3 +353,16 @@ def test_run_handler_gives_any_subcommand_the_one_line_errors(tmp_path, capsys):
         _merged(args, {"a": 1, "c": 0})
     cfg.write_text('{"a": 2}')
     assert _merged(args, {"a": 1, "c": 0}) == {"a": 2, "c": 5}
+
+
+def test_records_are_resampled_to_the_models_rate(tmp_path):
+    """Before: `caad train`/`caad eval` always resampled to 16 kHz, whatever the model's feature extractor takes."""
+    pytest.importorskip("soxr")
+    from types import SimpleNamespace
+
+    from caad.cli import _records
+
+    src = _jsonl(tmp_path / "in.jsonl", [_rec(0, audio={"array": [0.1] * 1600, "sampling_rate": 16000})])
+    processor = SimpleNamespace(feature_extractor=SimpleNamespace(sampling_rate=8000, chunk_length=30))
+    (record,) = _records(str(src), False, processor)
+    assert record.sampling_rate == 8000 and record.audio.shape == (800,)
