@@ -33,7 +33,6 @@ def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length
     which must already hold ``<sound>``, e.g. to pair the model with another family's on one vocabulary)."""
     import copy
 
-    import torch
     from transformers import (
         AudioFlamingo3Config,
         AudioFlamingo3ForConditionalGeneration,
@@ -41,7 +40,7 @@ def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length
         WhisperFeatureExtractor,
     )
 
-    from ..tiny_models import HOP_LENGTH, IM_START, SAMPLING_RATE, build_tokenizer
+    from ..tiny_models import HOP_LENGTH, IM_START, SAMPLING_RATE, build_tokenizer, seeded_model
 
     mels = 80
     if tokenizer is None:
@@ -67,13 +66,7 @@ def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length
                      "bos_token_id": tokenizer.convert_tokens_to_ids(IM_START)},
         audio_token_id=tokenizer.convert_tokens_to_ids(SOUND),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AudioFlamingo3ForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.do_sample = False
-    return model.eval(), processor
+    return seeded_model(AudioFlamingo3ForConditionalGeneration, config, tokenizer, seed), processor
 
 
 FAMILY = AudioFamily(

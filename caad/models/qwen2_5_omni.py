@@ -61,14 +61,22 @@ class OmniAudioProcessor:
 def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length: int = 2) -> tuple[Any, Any]:
     """A random tiny thinker (Qwen2 decoder with 3-D RoPE, ``hidden`` wide, ``layers`` deep; a 1-block vision
     tower that the audio tasks never run) and :class:`OmniAudioProcessor` over the offline Qwen-style tokenizer."""
-    import torch
     from transformers import (
         Qwen2_5OmniThinkerConfig,
         Qwen2_5OmniThinkerForConditionalGeneration,
         WhisperFeatureExtractor,
     )
 
-    from ..tiny_models import AUDIO_BOS, AUDIO_EOS, HOP_LENGTH, IM_START, NUM_MEL_BINS, SAMPLING_RATE, build_tokenizer
+    from ..tiny_models import (
+        AUDIO_BOS,
+        AUDIO_EOS,
+        HOP_LENGTH,
+        IM_START,
+        NUM_MEL_BINS,
+        SAMPLING_RATE,
+        build_tokenizer,
+        seeded_model,
+    )
 
     if hidden <= 0 or hidden % 16:
         raise ValueError(f"hidden must be a positive multiple of 16 (2 heads, 3-D RoPE sections), got {hidden}")
@@ -98,13 +106,8 @@ def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length
         audio_start_token_id=ids(AUDIO_BOS), audio_end_token_id=ids(AUDIO_EOS),
         vision_start_token_id=ids("<|vision_bos|>"), vision_end_token_id=ids("<|vision_eos|>"),
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2_5OmniThinkerForConditionalGeneration(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.do_sample = False
-    return model.eval(), OmniAudioProcessor(extractor, tokenizer)
+    model = seeded_model(Qwen2_5OmniThinkerForConditionalGeneration, config, tokenizer, seed)
+    return model, OmniAudioProcessor(extractor, tokenizer)
 
 
 FAMILY = AudioFamily(
