@@ -123,12 +123,12 @@ Acc forward_row(const T* s, int64_t vocab, const int64_t* ids, const Acc* lp, in
         d = nan;
         continue;
       }
-      if (l == -inf) continue;  // listed with p = 0
-      has_target = true;
       const Acc log_q = (static_cast<Acc>(s[v]) * inv_tau - max_u) - log_sum_u;
+      q_s += std::exp(static_cast<double>(log_q));  // every listed id is outside the tail's tokens
+      if (l == -inf) continue;                       // listed with p = 0
+      has_target = true;
       const double p = std::exp(l);
       p_s += p;
-      q_s += std::exp(static_cast<double>(log_q));
       if (log_q == kNegInf<Acc>) {
         infinite = true;
       } else {
