@@ -441,3 +441,15 @@ def test_extreme_logits(backend):
     assert bool(torch.isfinite(loss).all())
     assert_loss_close(loss, truth[1], s)
     assert_grad_close(grad, truth[2], s)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+def test_triton_refuses_too_many_ids():
+    from caad_kernels.sparse_loss import TRITON_MAX_K
+
+    k = TRITON_MAX_K + 1
+    s = torch.zeros(1, k)
+    ids = torch.arange(k).unsqueeze(0)
+    lp = torch.full((1, k), -math.log(k))
+    with pytest.raises(ValueError, match=f"at most {TRITON_MAX_K} ids per row"):
+        sparse_contrastive_kd_loss(s, ids, lp, backend="triton")
