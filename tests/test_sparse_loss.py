@@ -458,3 +458,19 @@ def test_triton_refuses_too_many_ids():
     lp = torch.full((1, k), -math.log(k))
     with pytest.raises(ValueError, match=f"at most {TRITON_MAX_K} ids per row"):
         sparse_contrastive_kd_loss(s, ids, lp, backend="triton")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernels did not build here")
+def test_opcheck_native_ops():
+    from caad_kernels.backends import sparse_native_backend as native
+
+    native._register_fakes()
+    s, a, t = _teacher(4, 13, seed=15, dtype=torch.float32)
+    y = _labels(4, 13)
+    ids, lp, tail = sparse_teacher_targets(a, t, y, alpha=1.0, k_max=5)
+    s3, ids2, lp2, tail1, y1 = native._operands(s.reshape(2, 2, 13), ids, lp, tail, y)
+    scalars = (1.5, 0.8, 0.2, -100)
+    torch.library.opcheck(torch.ops.caad.native_sparse_kd_forward.default, (s3, ids2, lp2, tail1, y1, *scalars))
+    rows, stats = torch.ops.caad.native_sparse_kd_forward(s3, ids2, lp2, tail1, y1, *scalars)
+    torch.library.opcheck(torch.ops.caad.native_sparse_kd_backward.default,
+                          (torch.rand_like(rows), s3, ids2, lp2, tail1, y1, stats, *scalars, torch.empty_like(s3)))
