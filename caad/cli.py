@@ -1,4 +1,4 @@
-"""The ``caad`` command: ``caad pseudo-gt``, ``caad train``, ``caad eval``.
+"""The ``caad`` command: ``caad pseudo-gt``, ``caad teacher-cache``, ``caad train``, ``caad eval``.
 
 Options come from flags and/or a YAML/JSON config file (``--config``); a flag given on the command
 line wins over the file. ``caad train`` with no ``--data`` runs the built-in demo.
@@ -117,7 +117,7 @@ def cmd_pseudo_gt(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     train_defaults = {"data": None, "teacher": None, "student": None, "output_dir": None, "epochs": None,
                       "batch_size": None, "learning_rate": None, "text_only_view": "drop", "kd_backend": "auto",
-                      "template": "{label}", "skip_bad": False, **dict.fromkeys(LOSS_OPTIONS)}
+                      "template": "{label}", "skip_bad": False, "teacher_cache": None, **dict.fromkeys(LOSS_OPTIONS)}
     opts = _merged(args, train_defaults)
     loss = {k: opts[k] for k in LOSS_OPTIONS if opts[k] is not None}
     if opts["data"] is None:
@@ -136,14 +136,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "kd_backend": opts["kd_backend"]}
         run_demo(settings)
         return 0
-    if not (opts["teacher"] and opts["student"]):
-        raise SystemExit("caad train --data FILE needs --teacher DIR and --student DIR (or no --data for the demo)")
+    if not ((opts["teacher"] or opts["teacher_cache"]) and opts["student"]):
+        raise SystemExit("caad train --data FILE needs --teacher DIR (or --teacher-cache DIR) and --student DIR "
+                         "(or no --data for the demo)")
     from .pseudo_gt import render_template
     from .trainer import CAADConfig, CAADTrainer
 
     processor = _processor(opts["student"])
     # Records without a Stage-1 target get one rendered from their label/metadata (--template).
-    examples = [{"audio": r.audio, "instruction": r.instruction,
+    examples = [{"id": r.id, "audio": r.audio, "instruction": r.instruction,
                  "pseudo_gt": r.pseudo_gt if r.pseudo_gt is not None else render_template(r, opts["template"])}
                 for r in _records(opts["data"], opts["skip_bad"], processor)]
     output_dir = opts["output_dir"] or "outputs/caad-train"
@@ -156,10 +157,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if opts["learning_rate"]:
         args_kw["learning_rate"] = opts["learning_rate"]
     train_args = CAADConfig(**args_kw)
-    student, teacher = _load_model(opts["student"]), _load_model(opts["teacher"])
+    cache = None
+    if opts["teacher_cache"]:  # no teacher in memory: its cached sparse targets (caad teacher-cache)
+        from .teacher_cache import open_cache_for_train_cli
+
+        cache = open_cache_for_train_cli(opts["teacher_cache"], train_args, opts["data"], opts["teacher"])
+    student = _load_model(opts["student"])
+    teacher = None if cache is not None else _load_model(opts["teacher"])
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
-                          train_dataset=examples)
-    trainer.train()
+                          train_dataset=examples, teacher_cache=cache)
+    from .teacher_cache_store import TeacherCacheError
+
+    try:
+        trainer.train()
+    except TeacherCacheError as exc:  # a batch whose targets are not the cache's
+        raise SystemExit(f"caad train: error: {exc}") from None
     out = Path(output_dir) / "student"
     student.save_pretrained(out)
     processor.save_pretrained(out)
@@ -212,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_pseudo_gt)
 
+    from .teacher_cache import add_parser as add_teacher_cache_parser
+
+    add_teacher_cache_parser(sub)
+
     p = sub.add_parser("train", help="Stage 2: distil a student (no --data: the built-in demo)")
     p.add_argument("--data", default=None, help="training JSONL (records with pseudo_gt, or label + --template)")
     p.add_argument("--teacher", default=None, help="teacher checkpoint (save_pretrained folder)")
@@ -224,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-backend", choices=["auto", "torch", "triton", "cpu", "cuda"], default=None)
     p.add_argument("--template", default=None, help="Pseudo-GT template for records without one")
     p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--teacher-cache", default=None, help="train from a caad teacher-cache folder, no teacher loaded")
     p.add_argument("--config", help="YAML/JSON file with the same options")
     _add_loss_flags(p)
     p.set_defaults(func=cmd_train)

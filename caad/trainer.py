@@ -22,6 +22,7 @@ from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
 from caad_kernels.fused_linear import lm_head_parameters
 from caad_kernels.options import KDOptions
 
+from .cached_teacher import CachedTargetsCollator, cached_kd_loss, open_for_training
 from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views, teacher_hidden_both_views
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,21 +88,34 @@ class CAADTrainer(Trainer):
         teacher_model: the teacher; frozen, put in eval mode, moved to ``args.teacher_device``/``teacher_dtype``.
         args: a :class:`CAADConfig`.
         processor: the student's processor; builds the default :class:`DualViewCollator`.
+        teacher_cache: instead of ``teacher_model``, a folder written by ``caad teacher-cache`` (or an opened
+            :class:`caad.teacher_cache_store.TeacherCache`): no teacher is loaded, the loss is the sparse-target
+            forward KL (:mod:`caad.cached_teacher`); examples need their record ``id``.
         Other arguments as ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, teacher_model: nn.Module, args: CAADConfig, processor: Any = None,
-                 data_collator: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, teacher_model: nn.Module | None = None, args: CAADConfig | None = None,
+                 processor: Any = None, data_collator: Any = None, teacher_cache: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, CAADConfig):
             raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
+        if (teacher_model is None) == (teacher_cache is None):
+            raise ValueError("CAADTrainer needs exactly one of teacher_model and teacher_cache (a caad teacher-cache "
+                             f"folder), got {'both' if teacher_model is not None else 'neither'}")
+        cache = None if teacher_cache is None else open_for_training(
+            teacher_cache, args.kd_options(), args.text_only_view, fused_linear=args.fused_linear,
+            grad_in_forward=args.kd_grad_in_forward)
         if data_collator is None:
             if processor is None:
                 raise ValueError("CAADTrainer needs a processor (or a data_collator) to build the dual views")
             data_collator = DualViewCollator(processor, text_only_view=args.text_only_view)
+        if cache is not None:
+            data_collator = CachedTargetsCollator(data_collator, cache)
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
-        self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+        self.teacher_cache = cache
+        self.teacher = None if cache is not None else self._prepare_teacher(teacher_model, args,
+                                                                            default_device=self.args.device)
         self._kd = args.kd_options()
         self._metrics = self._empty_metrics()
 
@@ -131,6 +145,15 @@ class CAADTrainer(Trainer):
         start = time.perf_counter()
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
         labels = inputs["audio_view"]["labels"]
+        if self.teacher_cache is not None:  # no teacher: the cached sparse targets came with the batch
+            loss, outputs, rows, target_ids = cached_kd_loss(
+                model, audio_view, labels, inputs["teacher_targets"], self._kd,
+                vocab_size=self.teacher_cache.vocab_size, num_items_in_batch=num_items_in_batch,
+                backend=self.args.kd_backend)
+            self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start,
+                         lambda: contrastive_kd_loss(rows, rows, None, target_ids, alpha=0.0, soft_weight=0.0,
+                                                     hard_weight=1.0, reduction="sum", backend=self.args.kd_backend))
+            return (loss, outputs) if return_outputs else loss
         teacher_device = next(self.teacher.parameters()).device
         teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
                                  teacher_device)
