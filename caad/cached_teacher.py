@@ -134,5 +134,7 @@ def cached_kd_loss(model: nn.Module, audio_view: Mapping[str, Any], labels: Tens
         student_rows, teacher_targets["ids"].to(device), teacher_targets["logprobs"].to(device),
         None if tail is None else tail.to(device), target_ids, temperature=options.temperature,
         soft_weight=options.soft_weight, hard_weight=options.hard_weight, ignore_index=options.ignore_index,
-        reduction="mean", num_items_in_batch=num_items_in_batch, backend=backend)
+        reduction="mean", num_items_in_batch=num_items_in_batch,
+        # the dense loss's CUDA C++ kernels have no sparse variant; "auto" picks the Triton one on CUDA
+        backend="auto" if backend == "cuda" else backend)
     return loss, outputs, student_rows.detach(), target_ids

@@ -4,6 +4,7 @@ The oracle is written here from SPEC §2/§9 in float64 — contrast, plausibili
 support and the tail mass — never from the code under test.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -431,19 +432,26 @@ def _same_cache(a: Path, b: Path) -> None:
             assert torch.equal(ta[k], tb[k]), (entry["file"], k)
 
 
+@contextlib.contextmanager
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def cli_reference(setup, tmp_path_factory):
     """The uninterrupted single-process cache, built through `caad teacher-cache`."""
     out = tmp_path_factory.mktemp("cli-ref") / "cache"
-    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): bitwise comparable
-    try:
+    with _one_thread():  # as the subprocesses (OMP_NUM_THREADS=1): bitwise comparable
         assert main(_cli_args(setup[4], out)) == 0
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count() or 1)
     return out
 
 
-def test_kill_and_resume_gives_the_uninterrupted_cache(setup, tmp_path, cli_reference):
+def test_kill_and_resume_gives_the_uninterrupted_cache(setup, tmp_path, cli_reference, capsys):
     """Killed after committing 2 shards (the 2nd not yet in the manifest) with a torn temporary file beside them;
     the rerun recomputes only what the manifest lacks, and the result equals an uninterrupted run."""
     root = setup[4]
@@ -457,9 +465,9 @@ def test_kill_and_resume_gives_the_uninterrupted_cache(setup, tmp_path, cli_refe
     (out / f".{shard_name(2)}.tmp-12345").write_bytes(b"torn")
     with pytest.raises(TeacherCacheError, match=r"incomplete \(1 of 5 shards\)"):
         TeacherCache(out)
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    with _one_thread():  # resumed in this process (one fewer interpreter start), threads as the reference
+        assert main(_cli_args(root, out)) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["shards_done_before"] == 1 and summary["shards_written"] == 4 and summary["complete"]
     assert not list(out.glob(".*.tmp-*"))
     ids = [rid for e in read_manifest(out)["shards"].values() for rid in e["record_ids"]]
