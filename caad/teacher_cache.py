@@ -393,8 +393,8 @@ def cmd_teacher_cache(args: Any) -> int:
     missing = [f"--{k}" for k in ("data", "teacher", "out") if not opts[k]]
     if missing:
         raise SystemExit(f"{_PROG}: error: {', '.join(missing)} required (see caad teacher-cache --help)")
-    for key in ("data", "teacher"):
-        if not os.path.exists(opts[key]):
+    for key in ("data", "teacher", "processor"):
+        if opts[key] and not os.path.exists(opts[key]):
             raise SystemExit(f"{_PROG}: error: --{key} {opts[key]} does not exist")
     try:
         processor = _processor(opts["processor"] or opts["teacher"])
