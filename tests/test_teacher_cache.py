@@ -5,6 +5,7 @@ support and the tail mass — never from the code under test.
 """
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -253,8 +254,24 @@ def test_resume_refuses_other_options_naming_the_field(setup, tmp_path, built):
                          ("logprob_dtype", "float16"), ("text_only_view", "silence"), ("records_per_shard", 5)):
         with pytest.raises(TeacherCacheError, match=rf"manifest field {field} is"):
             _build(setup, tmp_path, **{field: value})
-    with pytest.raises(TeacherCacheError, match="manifest field data.sha256"):
-        _build(setup, tmp_path, data_sha256="0" * 64)
+    for kw, field in (({"data_sha256": "0" * 64}, "data.sha256"), ({"batch_size": 2}, "batch_size"),
+                      ({"vocab_size": 300}, "vocab_size"), ({"max_length": 60}, "max_length")):
+        with pytest.raises(TeacherCacheError, match=rf"manifest field {field} is"):
+            _build(setup, tmp_path, **kw)
+    _, processor, examples, teacher, _ = setup
+    with pytest.raises(TeacherCacheError, match="manifest field teacher.dtype is 'float32', expected 'bfloat16'"):
+        build_teacher_cache(examples, copy.deepcopy(teacher).to(torch.bfloat16), processor, tmp_path,
+                            **{**OPTS, "k_max": 512, "logprob_dtype": "float32", "batch_size": 3,
+                               "records_per_shard": 4})
+    import caad_kernels
+
+    version = caad_kernels.__version__
+    caad_kernels.__version__ = "0.0.0-other"
+    try:
+        with pytest.raises(TeacherCacheError, match="manifest field caad_version is"):
+            _build(setup, tmp_path)
+    finally:
+        caad_kernels.__version__ = version
     # a complete cache is a no-op to resume
     again = _build(setup, tmp_path)
     assert again["shards_written"] == 0 and again["shards_done_before"] == 3 and again["complete"]
