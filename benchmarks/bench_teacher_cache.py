@@ -93,11 +93,34 @@ def test_cache_bytes_per_token(benchmark, trained, case):
     cache = TeacherCache(folder)
     stats = cache.manifest["stats"]
     per_token = _shard_bytes(folder) / stats["tokens"]
+    benchmark.extra_info.update(kd_rel_error_vs_dense=_error_vs_dense(trained, cache, kw.get("plausibility_beta", 0.0)))
     benchmark.extra_info.update(
         case=case, vocab=vocab, teacher=trained["recipe"], tokens=stats["tokens"], bytes_per_token=round(per_token, 2),
         mean_support=round(stats["support_entries"] / stats["tokens"], 2),
         rows_with_tail=round(stats["rows_with_tail"] / stats["tokens"], 3),
         dense_over_cache=round(4 * vocab / per_token, 2), cache_pass_tokens_per_s=summary["tokens_per_s"])
+
+
+def _error_vs_dense(trained: dict[str, Any], cache: TeacherCache, beta: float) -> float:
+    """|sparse − dense| / dense of the KD loss of an untrained student against this cache's rows (fp16 log-probs
+    and the top-k cut included) vs the live teacher's dense rows: what the bytes saved cost."""
+    from caad.teacher import DualViewCollator, gather_targets, teacher_forward_both_views
+    from caad_kernels import contrastive_kd_loss, sparse_contrastive_kd_loss
+
+    examples = trained["examples"]
+    batch = DualViewCollator(trained["processor"])(examples)
+    a, t, targets = teacher_forward_both_views(trained["teacher"], batch)
+    student = tiny_qwen2_audio(trained["tokenizer"], hidden=32, layers=1, seed=200)
+    with torch.no_grad():
+        view = {k: v for k, v in batch["audio_view"].items() if k != "labels"}
+        s, _ = gather_targets(student(**view).logits, batch["audio_view"]["labels"])
+        dense = contrastive_kd_loss(s, a, t, targets, alpha=ALPHA, plausibility_beta=beta, temperature=TEMPERATURE,
+                                    backend="torch")
+        ids, lp, tail, cached_targets = pad_rows([cache.record(ex["id"]) for ex in examples])
+        assert torch.equal(cached_targets, targets)
+        sparse = sparse_contrastive_kd_loss(s, ids, lp, tail if torch.isfinite(tail).any() else None, targets,
+                                            temperature=TEMPERATURE, backend="torch")
+    return float(((sparse - dense).abs() / dense.abs()).item())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
