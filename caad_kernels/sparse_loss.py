@@ -21,6 +21,7 @@ from .sparse_reference import sparse_options
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16)
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MASS_TOLERANCE = 1e-3  # cached mass may exceed 1 by this much (fp16 log-probabilities round)
+TRITON_MAX_K = 4096  # ids per row the Triton kernels take (held in registers)
 
 
 def _check_divergence(divergence: object) -> None:
@@ -134,6 +135,12 @@ def _sparse_kd(s, ids, logprobs, tail, labels, opts: KDOptions, reduction, num_i
         _check_target_values(s.shape[-1], ids, logprobs, tail, labels, opts.ignore_index)
     float64 = any(x is not None and x.dtype == torch.float64 for x in (s, logprobs, tail))
     name = resolve_sparse_backend(backend, s.device, float64)
+    if name == "triton" and ids.shape[-1] > TRITON_MAX_K:
+        # The Triton kernels hold a row's K ids in registers; a cache this wide is not what they are for.
+        if backend == "triton":
+            raise ValueError(f"backend='triton' takes at most {TRITON_MAX_K} ids per row (teacher_ids' last "
+                             f"dimension), got {ids.shape[-1]}: use backend='torch' or a smaller k_max")
+        name = "torch"
     rows, _ = torch.ops.caad.sparse_kd_fwd(s, ids, logprobs, tail, labels, opts.temperature, opts.soft_weight,
                                            opts.hard_weight, opts.ignore_index, name, inplace_backward)
     flat_labels = labels.reshape(-1) if labels is not None else None

@@ -22,7 +22,7 @@ from .reference import compute_dtype
 from .sparse_reference import sparse_options
 
 SPARSE_BACKENDS = ("torch", "triton", "cpu")
-IMPLEMENTED = ("torch",)  # backends whose sparse kernels exist
+IMPLEMENTED = ("torch", "triton", "cpu")  # backends whose sparse kernels exist
 _MODULES = {
     "torch": "caad_kernels.backends.sparse_torch_backend",
     "triton": "caad_kernels.backends.sparse_triton_backend",

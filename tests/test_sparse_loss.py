@@ -61,9 +61,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# Every case × dtype on torch and cpu; the Triton interpreter is slow, so it gets every case in fp32
+# and the low-precision dtypes on the cases that stress them (tail, hard term, τ ≠ 1).
+_LOW_CASES_TRITON = ("topk_tail", "tau2_hard", "tau0.5")
+ORACLE_PARAMS = [(b, c, d) for b in BACKENDS for c in CASES for d in (torch.float32, torch.bfloat16, torch.float16)
+                 if b != "triton" or d == torch.float32 or c in _LOW_CASES_TRITON]
+
+
+@pytest.mark.parametrize("backend, case, dtype", ORACLE_PARAMS)
 def test_matches_oracle(backend, case, dtype):
     build, kw, with_tail, with_labels = CASES[case]
     n, vocab = 9, 67  # V not a multiple of any block
@@ -425,3 +430,47 @@ def test_module_form():
     torch.testing.assert_close(mod(s, ids, lp, tail),
                                sparse_contrastive_kd_loss(s, ids, lp, tail, temperature=1.5, reduction="sum",
                                                           backend="torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
+    """|logits| ~ 1e4, one-hot-like teachers and an all-equal student row (SPEC §4)."""
+    n, vocab = 6, 50
+    s, a, t = _teacher(n, vocab, seed=14, scale=1e4, dtype=torch.float32)
+    s[0] = 7.0  # all equal
+    a[1] = -1e4
+    a[1, 3] = 1e4  # one-hot teacher
+    ids, lp, tail = sparse_teacher_targets(a, t, alpha=0.5, temperature=3.0, k_max=8)
+    loss, grad = _run(s, ids, lp, tail, backend=backend, temperature=3.0, reduction="none")
+    truth = sparse_oracle(s, ids, lp, tail, temperature=3.0, reduction="none")
+    assert bool(torch.isfinite(loss).all())
+    assert_loss_close(loss, truth[1], s)
+    assert_grad_close(grad, truth[2], s)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton unavailable")
+def test_triton_refuses_too_many_ids():
+    from caad_kernels.sparse_loss import TRITON_MAX_K
+
+    k = TRITON_MAX_K + 1
+    s = torch.zeros(1, k)
+    ids = torch.arange(k).unsqueeze(0)
+    lp = torch.full((1, k), -math.log(k))
+    with pytest.raises(ValueError, match=f"at most {TRITON_MAX_K} ids per row"):
+        sparse_contrastive_kd_loss(s, ids, lp, backend="triton")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ kernels did not build here")
+def test_opcheck_native_ops():
+    from caad_kernels.backends import sparse_native_backend as native
+
+    native._register_fakes()
+    s, a, t = _teacher(4, 13, seed=15, dtype=torch.float32)
+    y = _labels(4, 13)
+    ids, lp, tail = sparse_teacher_targets(a, t, y, alpha=1.0, k_max=5)
+    s3, ids2, lp2, tail1, y1 = native._operands(s.reshape(2, 2, 13), ids, lp, tail, y)
+    scalars = (1.5, 0.8, 0.2, -100)
+    torch.library.opcheck(torch.ops.caad.native_sparse_kd_forward.default, (s3, ids2, lp2, tail1, y1, *scalars))
+    rows, stats = torch.ops.caad.native_sparse_kd_forward(s3, ids2, lp2, tail1, y1, *scalars)
+    torch.library.opcheck(torch.ops.caad.native_sparse_kd_backward.default,
+                          (torch.rand_like(rows), s3, ids2, lp2, tail1, y1, stats, *scalars, torch.empty_like(s3)))
