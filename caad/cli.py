@@ -137,8 +137,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_demo(settings)
         return 0
     if not ((opts["teacher"] or opts["teacher_cache"]) and opts["student"]):
-        raise SystemExit("caad train --data FILE needs --teacher DIR (or --teacher-cache DIR) and --student DIR "
-                         "(or no --data for the demo)")
+        raise SystemExit("caad train --data FILE needs --teacher DIR and --student DIR (--teacher-cache DIR instead "
+                         "of --teacher; or no --data for the demo)")
     from .pseudo_gt import render_template
     from .trainer import CAADConfig, CAADTrainer
 
