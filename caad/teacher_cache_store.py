@@ -313,20 +313,23 @@ def pad_rows(records: Sequence[RecordTargets], lengths: Sequence[int] | None = N
         parts_lp.append(r.support_logprobs[:n_entries])
         parts_tail.append(r.tail_logmass[:t])
         parts_tgt.append(r.target_ids[:t])
-    row_len = torch.cat(parts_len)
-    n = row_len.numel()
+    # numpy, not torch: these are small host arrays, where torch's per-op dispatch (and its thread pool on a
+    # busy machine) costs more than the work
+    row_len = torch.cat(parts_len).numpy()
+    n = row_len.size
     k = max(int(row_len.max()) if n else 0, 1)
     # Entry e of the flat support goes to row `row_of[e]`, column `e - row_start[row_of[e]]`.
-    row_of = torch.repeat_interleave(torch.arange(n), row_len)
-    starts = torch.zeros(n, dtype=torch.long)
-    starts[1:] = row_len.cumsum(0)[:-1]
-    col = torch.arange(row_of.numel()) - starts[row_of]
-    ids = torch.full((n, k), -1, dtype=torch.long)
+    row_of = np.repeat(np.arange(n), row_len)
+    starts = np.zeros(n, dtype=np.int64)
+    starts[1:] = np.cumsum(row_len)[:-1]
+    col = np.arange(row_of.size) - starts[row_of]
     flat_lp = torch.cat(parts_lp)
-    logprobs = torch.zeros((n, k), dtype=flat_lp.dtype)
-    ids[row_of, col] = torch.cat(parts_ids)
-    logprobs[row_of, col] = flat_lp
-    return ids, logprobs, torch.cat(parts_tail).float(), torch.cat(parts_tgt).long()
+    ids = np.full((n, k), -1, dtype=np.int64)
+    logprobs = np.zeros((n, k), dtype=flat_lp.numpy().dtype)
+    ids[row_of, col] = torch.cat(parts_ids).numpy()
+    logprobs[row_of, col] = flat_lp.numpy()
+    return (torch.from_numpy(ids), torch.from_numpy(logprobs), torch.cat(parts_tail).float(),
+            torch.cat(parts_tgt).long())
 
 
 def stats_of(records: Sequence[RecordTargets]) -> dict[str, float]:
