@@ -474,3 +474,16 @@ def test_opcheck_native_ops():
     rows, stats = torch.ops.caad.native_sparse_kd_forward(s3, ids2, lp2, tail1, y1, *scalars)
     torch.library.opcheck(torch.ops.caad.native_sparse_kd_backward.default,
                           (torch.rand_like(rows), s3, ids2, lp2, tail1, y1, stats, *scalars, torch.empty_like(s3)))
+
+
+def test_auto_dispatch(monkeypatch):
+    from caad_kernels.sparse_loss import resolve_sparse_backend
+
+    cpu = torch.device("cpu")
+    expected = "cpu" if "cpu" in BACKENDS else "torch"
+    assert resolve_sparse_backend("auto", cpu, float64=False) == expected
+    assert resolve_sparse_backend("auto", cpu, float64=True) == expected  # cpu takes float64 too
+    monkeypatch.setenv("CAAD_BACKEND", "torch")
+    assert resolve_sparse_backend("auto", cpu, float64=False) == "torch"
+    with pytest.raises(TypeError, match="float64 needs one of"):
+        resolve_sparse_backend("triton", cpu, float64=True)

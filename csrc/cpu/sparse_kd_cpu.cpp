@@ -20,6 +20,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../kernel/fast_math.h"
@@ -63,6 +64,19 @@ struct OnlineLse {
 template <typename T, typename Acc>
 inline void load(const T* p, int64_t n, Acc* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = static_cast<Acc>(p[i]);
+}
+
+// Stores n accumulated values in T. bf16 goes through fast_math.h's branch-free round-to-nearest-even
+// (c10::BFloat16's constructor branches on NaN, which keeps the loop scalar).
+template <typename T, typename Acc>
+inline void store(T* out, int64_t n, const Acc* g) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) bits[i] = float_to_bf16(static_cast<float>(g[i]));
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(g[i]);
+  }
 }
 
 // Addresses row n of a [B, T, V] view (rows need not be uniformly strided).
@@ -211,8 +225,7 @@ void backward_row(Acc upstream, const T* s, int64_t vocab, const int64_t* ids, c
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) gb[i] = a_soft * vexp((xb[i] * inv_tau - max_u) - log_sum_u);
     }
-    T* out = grad + start;
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(gb[i]);
+    store(grad + start, n, gb);
   }
   for (int64_t j = 0; j < k; ++j) {
     const int64_t v = ids[j];
