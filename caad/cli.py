@@ -1,4 +1,5 @@
-"""The ``caad`` command: ``caad pseudo-gt``, ``caad train``, ``caad eval``.
+"""The ``caad`` command: ``caad pseudo-gt``, ``caad teacher-cache``, ``caad train``, ``caad eval``,
+``caad make-student``.
 
 Options come from flags and/or a YAML/JSON config file (``--config``); a flag given on the command line wins over
 the file, which wins over the defaults shown in ``--help`` (:mod:`caad.cli_options`). ``caad train`` with no
@@ -218,10 +219,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if o["data"] is None:
         return _train_demo(o)
     kd = _kd_options(o)
-    # With --soft-weight 0 (plain fine-tuning on the Pseudo-GT) the teacher is never run, nor needed.
-    _require(o, "train", *(["teacher"] if kd.uses_teacher else []), "student", when=" with --data")
+    # With --soft-weight 0 (plain fine-tuning on the Pseudo-GT) the teacher is never run, nor needed; with
+    # --teacher-cache its cached targets stand in for it.
+    live_teacher = kd.uses_teacher and not o["teacher_cache"]
+    _require(o, "train", *(["teacher"] if live_teacher else []), "student", when=" with --data")
     _check_input_file(o["data"], "--data")
-    if kd.uses_teacher:
+    if live_teacher or o["teacher"]:
         _check_model_dir(o["teacher"], "--teacher")
     _check_model_dir(o["student"], "--student")
     from .train_cli import run_train  # torch + transformers: imported only once the options are known to be good
@@ -342,9 +345,11 @@ def _train_parser(sub: Any) -> None:
                                 "override it).")
     d = TRAIN_DEFAULTS
     add_option(p, "--data", metavar="JSONL", help="training JSONL (records with pseudo_gt, or a label and --template)")
-    add_option(p, "--teacher", metavar="DIR", required="with --data, unless --soft-weight 0",
+    add_option(p, "--teacher", metavar="DIR", required="with --data, unless --soft-weight 0 or --teacher-cache",
                help="teacher folder (save_pretrained)")
     add_option(p, "--student", metavar="DIR", required="with --data", help="student folder to start from")
+    add_option(p, "--teacher-cache", metavar="DIR", help="train from a `caad teacher-cache` folder instead of a "
+               "live teacher: no teacher is loaded (--teacher, if given, is checked against the cache)")
     add_option(p, "--output-dir", default=d["output_dir"], metavar="DIR",
                help="run folder: checkpoint-N/ folders, the final student/ and config.json")
     add_option(p, "--template", default="{label}", help="Pseudo-GT template for records without a pseudo_gt")
@@ -469,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", default=False, help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _pseudo_gt_parser(sub)
+    from .teacher_cache import add_parser as add_teacher_cache_parser
+
+    add_teacher_cache_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
     _make_student_parser(sub)

@@ -110,7 +110,7 @@ def run_train(o: Resolved, loss: dict[str, Any]) -> int:
                                   "or pass --skip-bad")
             n_empty += 1
             continue
-        examples.append({"audio": r.audio, "instruction": r.instruction, "pseudo_gt": target})
+        examples.append({"id": r.id, "audio": r.audio, "instruction": r.instruction, "pseudo_gt": target})
     if n_empty:
         print(f"caad: skipped {n_empty} record(s) with an empty Pseudo-GT target", file=sys.stderr)
     if not examples:
@@ -126,7 +126,12 @@ def run_train(o: Resolved, loss: dict[str, Any]) -> int:
                                  target_modules=targets if targets == "all-linear" else targets.split(","))
         except (ValueError, ImportError) as exc:
             raise CLIError(f"--lora-*: {exc}") from exc
-    uses_teacher = train_args.kd_options().uses_teacher
+    cache = None
+    if o["teacher_cache"]:  # no teacher in memory: its cached sparse targets (caad teacher-cache)
+        from .teacher_cache import open_cache_for_train_cli
+
+        cache = open_cache_for_train_cli(o["teacher_cache"], train_args, o["data"], o["teacher"])
+    uses_teacher = train_args.kd_options().uses_teacher and cache is None
     # The teacher's own processor: its vocabulary must be the student's, its inputs may differ (another family).
     teacher_processor = _processor(o["teacher"], "--teacher") if uses_teacher else None
     if teacher_processor is not None:
@@ -138,8 +143,13 @@ def run_train(o: Resolved, loss: dict[str, Any]) -> int:
             raise CLIError(f"--teacher {o['teacher']} and --student {o['student']}: {exc}") from exc
     teacher = _load_model(o["teacher"], "--teacher") if uses_teacher else None
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=train_args, processor=processor,
-                          teacher_processor=teacher_processor, train_dataset=examples)
-    trainer.train(resume_from_checkpoint=resume)
+                          teacher_processor=teacher_processor, teacher_cache=cache, train_dataset=examples)
+    from .teacher_cache_store import TeacherCacheError
+
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except TeacherCacheError as exc:  # a batch whose targets are not the cache's
+        raise CLIError(str(exc)) from exc
     if not trainer.is_world_process_zero():  # torchrun / accelerate launch: rank 0 writes the result
         return 0
     out_dir = Path(o["output_dir"])

@@ -23,6 +23,7 @@ from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
 from caad_kernels.fused_linear import lm_head_parameters
 from caad_kernels.options import KDOptions
 
+from .cached_teacher import CachedTargetsCollator, cached_kd_loss, open_for_training
 from .peft_student import is_lora_layer
 from .peft_student import unwrap as unwrap_peft
 from .teacher import (
@@ -119,15 +120,25 @@ class CAADTrainer(Trainer):
         processor: the student's processor; builds the default :class:`DualViewCollator`.
         teacher_processor: the teacher's processor or tokenizer, if it has its own: refused unless it maps every
             token to the same id as ``processor`` (:func:`caad.vocabulary.check_shared_vocabulary`).
+        teacher_cache: instead of ``teacher_model``, a folder written by ``caad teacher-cache`` (or an opened
+            :class:`caad.teacher_cache_store.TeacherCache`): no teacher is loaded, the loss is the sparse-target
+            forward KL (:mod:`caad.cached_teacher`); examples need their record ``id``.
         Other arguments as ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, teacher_model: nn.Module | None, args: CAADConfig, processor: Any = None,
-                 data_collator: Any = None, teacher_processor: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, teacher_model: nn.Module | None = None, args: CAADConfig | None = None,
+                 processor: Any = None, data_collator: Any = None, teacher_processor: Any = None,
+                 teacher_cache: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, CAADConfig):
             raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
-        if teacher_model is None and args.soft_weight != 0:
-            raise ValueError(f"teacher_model is None, but soft_weight={args.soft_weight} > 0 needs a teacher")
+        if teacher_model is not None and teacher_cache is not None:
+            raise ValueError("CAADTrainer takes teacher_model or teacher_cache (a caad teacher-cache folder), not both")
+        if teacher_model is None and teacher_cache is None and args.soft_weight != 0:
+            raise ValueError(f"soft_weight={args.soft_weight} > 0 needs a teacher: give teacher_model or teacher_cache "
+                             "(a caad teacher-cache folder)")
+        cache = None if teacher_cache is None else open_for_training(
+            teacher_cache, args.kd_options(), args.text_only_view, fused_linear=args.fused_linear,
+            grad_in_forward=args.kd_grad_in_forward)
         if teacher_processor is not None:
             if processor is None:
                 raise ValueError("teacher_processor needs processor (the student's) to compare vocabularies with")
@@ -140,10 +151,13 @@ class CAADTrainer(Trainer):
                 # e.g. a teacher of another family: its own prompts and features, the same target tokens
                 data_collator = PairedViewCollator(
                     data_collator, DualViewCollator(teacher_processor, text_only_view=args.text_only_view))
+        if cache is not None:
+            data_collator = CachedTargetsCollator(data_collator, cache)
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
+        self.teacher_cache = cache
         # The teacher is an attribute, not the Trainer's model: checkpoints hold the student only.
         self.teacher = (self._prepare_teacher(teacher_model, args, default_device=self.args.device)
                         if teacher_model is not None else None)
@@ -191,6 +205,14 @@ class CAADTrainer(Trainer):
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
         labels = inputs["audio_view"]["labels"]
         o = self._kd
+        if self.teacher_cache is not None:  # no teacher: the cached sparse targets came with the batch
+            loss, outputs, rows, target_ids = cached_kd_loss(
+                model, audio_view, labels, inputs["teacher_targets"], o, vocab_size=self.teacher_cache.vocab_size,
+                num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
+            self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start,
+                         lambda: contrastive_kd_loss(rows, rows, None, target_ids, alpha=0.0, soft_weight=0.0,
+                                                     hard_weight=1.0, reduction="sum", backend=self.args.kd_backend))
+            return self._finish(loss, outputs, num_items_in_batch, return_outputs)
         teacher_batch = None
         if o.uses_teacher:
             teacher_device = next(self.teacher.parameters()).device
@@ -227,6 +249,9 @@ class CAADTrainer(Trainer):
                                            hard_weight=1.0, reduction="sum", backend=self.args.kd_backend)
 
         self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start, ce_sum)
+        return self._finish(loss, outputs, num_items_in_batch, return_outputs)
+
+    def _finish(self, loss: Tensor, outputs: Any, num_items_in_batch: Any, return_outputs: bool):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts the target tokens of every rank, and DDP averages the ranks' gradients:
             # scaled by the world size, the sum of the ranks' losses is the global-batch loss (as Trainer does).
