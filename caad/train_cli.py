@@ -98,6 +98,11 @@ def run_train(o: Resolved, loss: dict[str, Any]) -> int:
     from .trainer import CAADTrainer
 
     train_args = training_arguments(o, loss)  # before any model loading: a bad value fails in a second
+    cache = None
+    if o["teacher_cache"]:  # no teacher in memory: its cached sparse targets (caad teacher-cache)
+        from .teacher_cache import open_cache_for_train_cli
+
+        cache = open_cache_for_train_cli(o["teacher_cache"], train_args, o["data"], o["teacher"])
     resume = _resume_path(o)
     processor = _processor(o["student"], "--student")
     examples, n_empty = [], 0
@@ -126,11 +131,6 @@ def run_train(o: Resolved, loss: dict[str, Any]) -> int:
                                  target_modules=targets if targets == "all-linear" else targets.split(","))
         except (ValueError, ImportError) as exc:
             raise CLIError(f"--lora-*: {exc}") from exc
-    cache = None
-    if o["teacher_cache"]:  # no teacher in memory: its cached sparse targets (caad teacher-cache)
-        from .teacher_cache import open_cache_for_train_cli
-
-        cache = open_cache_for_train_cli(o["teacher_cache"], train_args, o["data"], o["teacher"])
     uses_teacher = train_args.kd_options().uses_teacher and cache is None
     # The teacher's own processor: its vocabulary must be the student's, its inputs may differ (another family).
     teacher_processor = _processor(o["teacher"], "--teacher") if uses_teacher else None
