@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import BACKEND_NAMES, backend_module, resolve_backend
-from .loss import _check_num_items
+from .loss import check_labels, check_num_items
 from .options import REDUCTIONS, KDOptions
 from .reference import reduction_divisor
 
@@ -103,13 +103,7 @@ def _check_inputs(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, teacher_v
     devices = {x.device for x in (hs, ws, ha, wt, ht, bs, bt, labels) if x is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError("labels must be an integer tensor")
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)}, got {tuple(labels.shape)}")
-    elif opts.hard_weight > 0:
-        raise ValueError(f"hard_weight={opts.hard_weight} > 0 needs labels, got None")
+    labels = check_labels(labels, tuple(lead), vocab, hs.device, opts, "student_hidden[..., 0]")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return hs, ws, ha, ht, wt, labels, bs, bt
@@ -232,7 +226,7 @@ def _fused_linear(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, reduction
                                                        teacher_vocab_slice, chunk_size)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items = _check_num_items(num_items, reduction)
+    num_items = check_num_items(num_items, reduction, hs.device)
     if not isinstance(backend, str) or backend not in ("auto", *BACKEND_NAMES):
         raise ValueError(f"backend must be one of {('auto', *BACKEND_NAMES)}, got {backend!r}")
     float64 = any(x is not None and x.dtype == torch.float64 for x in (hs, ha, ht))

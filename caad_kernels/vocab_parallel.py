@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .loss import _check_labels, _check_logits, _check_num_items, _check_teacher
+from .loss import _check_labels, _check_logits, _check_teacher, check_num_items
 from .options import FORWARD_KL, REDUCTIONS, REVERSE_KL, KDOptions
 from .reference import contrasted_logits, reduce_rows
 
@@ -229,7 +229,7 @@ def vocab_parallel_contrastive_kd_loss(
         raise ValueError(f"hard_weight={opts.hard_weight} > 0 needs labels, got None")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items_in_batch = _check_num_items(num_items_in_batch, reduction)
+    num_items_in_batch = check_num_items(num_items_in_batch, reduction, s.device)
     vocab = s.shape[-1]
     flat_labels = labels.reshape(-1) if labels is not None else None
     rows = _VocabParallelKD.apply(s.reshape(-1, vocab), a.reshape(-1, vocab),
