@@ -73,17 +73,17 @@ def contrasted_logits(
 def _undefined_rows(
     s: torch.Tensor, a: torch.Tensor | None, t: torch.Tensor | None, opts: KDOptions
 ) -> torch.Tensor:
-    """Rows whose loss is NaN by SPEC §3 (NaN/+inf data, −inf in t under a finite a,
-    no possible teacher token)."""
+    """Rows whose loss is NaN by SPEC §3 (NaN/+inf data, −inf in t under a finite a, and for the soft
+    term a row with no distribution: no possible teacher token, or no possible student token)."""
     bad = torch.isnan(s) | (s == math.inf)
     if opts.uses_teacher:
         bad = bad | torch.isnan(a) | (a == math.inf)
         if opts.uses_text:
             bad = bad | ((a != -math.inf) & ~torch.isfinite(t))
-        no_teacher_token = (a == -math.inf).all(dim=-1)
+        no_distribution = (a == -math.inf).all(dim=-1) | (s == -math.inf).all(dim=-1)
     else:
-        no_teacher_token = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
-    return bad.any(dim=-1) | no_teacher_token
+        no_distribution = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+    return bad.any(dim=-1) | no_distribution
 
 
 def _xlogy_diff(w: torch.Tensor, log_w: torch.Tensor, log_other: torch.Tensor) -> torch.Tensor:

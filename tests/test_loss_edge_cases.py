@@ -233,6 +233,26 @@ def test_neginf_audio_row_is_nan(backend):
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "reverse_kl"])
+@pytest.mark.parametrize("masked", ["student", "teacher", "both"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_without_a_distribution_is_nan_for_every_divergence(backend, masked, divergence):
+    """SPEC §3: all student logits, or all audio-aware logits (here with the text logits), −∞ gives NaN,
+    on every backend — before, reverse KL gave a silent 0.0 (torch) and +inf (cpu/triton) on such rows."""
+    s, a, t = _inputs(NF_N, NF_V, seed=29)
+    s, a, t = s.clone(), a.clone(), t.clone()
+    if masked in ("student", "both"):
+        s[BAD] = -INF
+    if masked in ("teacher", "both"):
+        a[BAD] = -INF
+        t[BAD] = -INF
+    _assert_only_bad_row_nan(backend, s, a, t, divergence=divergence)
+    labels = _labels(NF_N, NF_V, seed=29, ignore_every=0)
+    rows = contrastive_kd_loss(s, a, t, labels, backend=backend, reduction="none", divergence=divergence,
+                               hard_weight=0.5)
+    assert math.isnan(float(rows[BAD])) and torch.isfinite(rows[torch.arange(NF_N) != BAD]).all(), rows
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "reverse_kl"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_neginf_in_audio_masks_token(backend, divergence):
     """−∞ in a is an impossible token whatever t is there (finite, −∞, or a huge value): finite

@@ -330,6 +330,8 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
       div = beta * kl_pm + (1 - beta) * kl_qm;
       div_aux = kl_qm;
     }
+    // SPEC §3: a row with no distribution (all of s/τ, or all of z/τ, −inf) has no divergence.
+    if (sum_s == 0 || sum_z == 0) div = std::numeric_limits<Acc>::quiet_NaN();
     loss += static_cast<Acc>(o.soft_weight) * div;
   }
   const Acc max_h = o.tau_one ? ms.safe : mh.safe;
