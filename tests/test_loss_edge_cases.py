@@ -657,3 +657,36 @@ def test_infinite_kl_does_not_depend_on_entry_order(backend, divergence):
             s, a = s.flip(-1), a.flip(-1)
         rows = contrastive_kd_loss(s, a, None, alpha=0.0, divergence=divergence, backend=backend, reduction="none")
         assert torch.isinf(rows).all() and (rows > 0).all(), rows
+
+
+BOUND_OPTS = {
+    "tau_min": dict(temperature=1e-4),
+    "tau_max": dict(temperature=1e4),
+    "alpha_max": dict(alpha=1e4),
+    "alpha_max_tau_min_jsd": dict(alpha=1e4, temperature=1e-4, divergence="jsd"),
+    "tau_max_reverse": dict(temperature=1e4, divergence="reverse_kl"),
+}
+
+
+@pytest.mark.parametrize("opts", list(BOUND_OPTS), ids=list(BOUND_OPTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_options_at_the_accepted_bounds(backend, opts):
+    """The edges of KDOptions' ranges compute the float64 answer (no NaN, no negative divergence)."""
+    s, a, t = _inputs(6, 45, seed=51)
+    _check(backend, s, a, t, **BOUND_OPTS[opts])
+    rows = contrastive_kd_loss(s, a, t, backend=backend, reduction="none", **BOUND_OPTS[opts])
+    assert (rows >= 0).all(), rows
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=1e-38), dict(temperature=1e300), dict(temperature=1e30),
+                                 dict(alpha=1e300), dict(alpha=1.5e4), dict(soft_weight=1e300),
+                                 dict(hard_weight=1e39)],
+                         ids=["tau1e-38", "tau1e300", "tau1e30", "alpha1e300", "alpha1.5e4", "w_soft", "w_hard"])
+def test_options_beyond_the_fp32_range_are_refused(bad):
+    """Finite but extreme options gave NaN (or a negative KL at τ = 1e30) where float64 is finite: refused,
+    with the accepted range in the message."""
+    (name, value), = bad.items()
+    s, a, t = _inputs(2, 9, seed=52)
+    with pytest.raises(ValueError, match=rf"{name} must be .*in \[") as info:
+        contrastive_kd_loss(s, a, t, **bad)
+    assert repr(value) in str(info.value), info.value
