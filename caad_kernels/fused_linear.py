@@ -209,8 +209,9 @@ class _FusedLinearContrastiveKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            _, grads = _chunk_pass(ctx.plan, grad_out.to(torch.float64 if ctx.plan.hs.dtype == torch.float64
-                                                        else torch.float32), ctx.need)
+            with torch.autocast(ctx.plan.hs.device.type, enabled=False):  # as in forward: fp32 accumulation
+                _, grads = _chunk_pass(ctx.plan, grad_out.to(torch.float64 if ctx.plan.hs.dtype == torch.float64
+                                                            else torch.float32), ctx.need)
             dtypes = (ctx.plan.hs.dtype, ctx.plan.ws.dtype, ctx.plan.bs.dtype if ctx.plan.bs is not None else None)
             out = [g.to(d) if g is not None else None for g, d in zip(grads, dtypes, strict=True)]
         else:
@@ -220,8 +221,22 @@ class _FusedLinearContrastiveKD(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None, None, None, None, None, None, None
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under ``torch.autocast`` (``Trainer(bf16=True)``), the dtype the GEMMs of autocast would compute in:
+    fp32/fp16/bf16 tensors cast to it (float64 stays, as autocast leaves it), so a bf16 hidden state meets an
+    fp32 head as it would in ``nn.Linear``; the cast is differentiable, so fp32 parameters get fp32 grads."""
+    device = next(x.device for x in tensors if isinstance(x, Tensor))
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(x.to(dtype) if isinstance(x, Tensor) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 else x for x in tensors)
+
+
 def _fused_linear(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, reduction, num_items, backend, chunk_size,
                   teacher_vocab_slice) -> Tensor:
+    if any(isinstance(x, Tensor) for x in (hs, ws)):
+        hs, ws, ha, ht, wt, bs, bt = _autocast(hs, ws, ha, ht, wt, bs, bt)
     hs, ws, ha, ht, wt, labels, bs, bt = _check_inputs(hs, ws, ha, ht, wt, labels, bs, bt, opts,
                                                        teacher_vocab_slice, chunk_size)
     if reduction not in REDUCTIONS:
@@ -241,8 +256,10 @@ def _fused_linear(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, reduction
         per_entry = flat.element_size() + (wt.element_size() * (1 if ht is None or opts.plausibility_beta == 0
                                                                 else 2) if opts.uses_teacher else 0)
         chunk_size = _default_chunk(n, ws.shape[0], per_entry, hs.device)
-    return _FusedLinearContrastiveKD.apply(flat, ws, bs, ha2, ht2, wt, bt, labels2, opts, reduction, num_items, name,
-                                           chunk_size)
+    # The inputs are in their compute dtype now; inside, fp32 accumulation must not be autocast back down.
+    with torch.autocast(hs.device.type, enabled=False):
+        return _FusedLinearContrastiveKD.apply(flat, ws, bs, ha2, ht2, wt, bt, labels2, opts, reduction, num_items,
+                                               name, chunk_size)
 
 
 def fused_linear_contrastive_kd_loss(
