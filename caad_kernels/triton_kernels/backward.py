@@ -62,6 +62,14 @@ def contrastive_kd_bwd_kernel(
         if DIV == 2:
             log_1m_beta = tl.log(1.0 - jsd_beta)
             log_beta = tl.log(jsd_beta)
+        # Reverse KL / JSD: q·(r − D) cancels at a saturated student's argmax; the soft gradient sums to
+        # 0, so that entry (the first with s/τ = max_s) is withheld from the pass and written at the end
+        # as minus the sum of the others (see reference._compensate_argmax). Withheld, not overwritten:
+        # two stores to one address from different threads of a program would be unordered.
+        arg = (V * 0).to(tl.int64) - 1
+        soft_sum = tl.zeros([], dtype=tl.float32)
+        arg_soft = tl.zeros([], dtype=tl.float32)
+        arg_hard = tl.zeros([], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
@@ -69,6 +77,7 @@ def contrastive_kd_bwd_kernel(
             log_q = (s * inv_tau - max_s) - log_sum_s
             q = tl.exp(log_q)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            store_mask = mask
             if SOFT:
                 a = tl.load(a_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
                 if USE_TEXT:
@@ -90,7 +99,23 @@ def contrastive_kd_bwd_kernel(
                 else:
                     q_h = tl.exp((s - max_h) - log_sum_h)
                 grad += c_hard * (q_h - tl.where(cols == y, 1.0, 0.0))
-            store_rounded(g_row + cols, grad, mask, SOFTWARE_BF16_RNE)
+            if SOFT and DIV != 0:
+                soft = c_soft * d_u
+                soft_sum += tl.sum(tl.where(mask, soft, 0.0), axis=0)
+                first = tl.min(tl.where(mask & (s * inv_tau == max_s), cols, V), axis=0)
+                take = (arg < 0) & (first < V)
+                here = (cols == first) & take
+                arg_soft = tl.where(take, tl.sum(tl.where(here, soft, 0.0), axis=0), arg_soft)
+                arg_hard = tl.where(take, tl.sum(tl.where(here, grad - soft, 0.0), axis=0), arg_hard)
+                # mask & ~here, with the scalars broadcast first (the interpreter mistypes block | scalar)
+                store_mask = mask & ((cols != first) | (arg + cols * 0 >= 0) | (first + cols * 0 >= V))
+                arg = tl.where(take, first.to(tl.int64), arg)
+            store_rounded(g_row + cols, grad, store_mask, SOFTWARE_BF16_RNE)
+        if SOFT and DIV != 0:
+            fixed = -(soft_sum - arg_soft) + arg_hard
+            lane0 = offs == 0
+            store_rounded(g_row + tl.where(lane0, arg, 0) + offs * 0, tl.where(lane0, fixed, 0.0),
+                          lane0 & (arg + offs * 0 >= 0), SOFTWARE_BF16_RNE)
     else:
         # Ignored rows get an exact zero gradient (the buffer may be uninitialised or hold s).
         for start in range(0, V, BLOCK_V):
