@@ -712,3 +712,22 @@ def test_saturated_student_gradient_has_no_cancellation(backend, divergence, sca
     _, _, truth = oracle(s, a, t, divergence=divergence, reduction="sum")
     torch.testing.assert_close(grad.double(), truth, rtol=1e-5, atol=1e-6)
     assert float(grad.double().sum(-1).abs().max()) <= 1e-6, grad.double().sum(-1)
+
+
+@pytest.mark.parametrize("scale", [4.0, 30.0], ids=["scale4", "scale30"])
+@pytest.mark.parametrize("divergence", ["jsd", "forward_kl"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_gradient_within_spec_at_reduction_sum(backend, divergence, scale):
+    """SPEC §4's fp32 tolerance (rtol 1e-5, atol 1e-6 of float64) where the gradient is not divided by N:
+    reduction="sum", jsd β=0.5, τ=1, −100 labels (the case where one element in 52,581 of the torch
+    backend's gradient was 1.5e-6 off: the argmax cancellation of q·(r − D), now compensated).
+    Not yet reverse_kl at scale 30: a runner-up entry with q ~ 0.4 and |r| ~ 1e2 still cancels in
+    q·(r − D) (2.8e-6 on torch and cpu) — only the argmax entry is compensated so far."""
+    N, V = 24, 301
+    s, a, t = _inputs(N, V, seed=71, scale=scale)
+    labels = _labels(N, V, seed=71)
+    kw = dict(divergence=divergence, jsd_beta=0.5, temperature=1.0, reduction="sum")
+    loss, grad = run_loss(contrastive_kd_loss, s, a, t, labels, backend=backend, **kw)
+    _, truth_loss, truth = oracle(s, a, t, labels, **kw)
+    torch.testing.assert_close(loss.double(), truth_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), truth, rtol=1e-5, atol=1e-6)
