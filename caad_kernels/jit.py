@@ -3,9 +3,9 @@
 Order of preference:
   1. an ahead-of-time build, ``caad_kernels._C`` (``CAAD_BUILD_EXT=1 pip install .``);
   2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja) into a cache
-     directory per torch version, Python version and source hash
-     (``~/.cache/caad/ext/...``, root overridable with ``CAAD_EXT_DIR``) and torch
-     installation; one line on stderr says it is compiling, later loads reuse the build.
+     directory per torch version and installation (its path), Python version and source
+     hash (``~/.cache/caad/ext/...``, root overridable with ``CAAD_EXT_DIR``); one line
+     on stderr says it is compiling, later loads reuse the build.
 Processes building the same directory take turns on an ``flock`` (one builds, the others
 wait, at most ``CAAD_BUILD_WAIT_S`` seconds, and load its result). A build is loaded only
 when its library matches the size and SHA-256 recorded after it was linked; anything else
