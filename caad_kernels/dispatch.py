@@ -53,7 +53,6 @@ def _triton_reason(device: torch.device) -> str | None:
     return f"Triton kernels run on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got device {device}"
 
 
-@torch.compiler.assume_constant_result
 def _native_kinds() -> str:
     """Device kinds the native library covers, e.g. "cpu,cuda" ("" when it is unavailable).
 
@@ -62,6 +61,11 @@ def _native_kinds() -> str:
     from . import jit
 
     return ",".join(sorted(jit.load()))
+
+
+# What @torch.compiler.assume_constant_result does (torch 2.0 to 2.13), without its import of
+# torch._dynamo (and through it sympy and triton: seconds), which `import caad_kernels` must not pay.
+_native_kinds._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _native_reason(kind: str) -> Callable[[torch.device], str | None]:
@@ -115,6 +119,12 @@ def resolve_backend(requested: str, device: torch.device, float64: bool = False)
             raise TypeError(f"backend={requested!r} takes fp32, bf16 or fp16 logits; float64 needs one of "
                             f"{FLOAT64_BACKENDS}")
         reason = _REGISTRY[requested].unavailable_reason(device)
+        if reason is not None and requested == device.type and requested in ("cpu", "cuda"):
+            from . import jit
+
+            cache_error = jit.cache_error()
+            if cache_error is not None:  # not a bad argument: the environment has to change
+                raise RuntimeError(f"backend={requested!r} is unavailable: {cache_error}") from cache_error
         if reason is not None:
             raise ValueError(f"backend={requested!r} is unavailable: {reason}")
         return requested

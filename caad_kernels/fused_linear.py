@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .dispatch import BACKEND_NAMES, backend_module, resolve_backend
-from .loss import _check_num_items
+from .loss import check_labels, check_num_items
 from .options import REDUCTIONS, KDOptions
 from .reference import reduction_divisor
 
@@ -103,13 +103,7 @@ def _check_inputs(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, teacher_v
     devices = {x.device for x in (hs, ws, ha, wt, ht, bs, bt, labels) if x is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    if labels is not None:
-        if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-            raise TypeError("labels must be an integer tensor")
-        if labels.shape != lead:
-            raise ValueError(f"labels must have shape {tuple(lead)}, got {tuple(labels.shape)}")
-    elif opts.hard_weight > 0:
-        raise ValueError(f"hard_weight={opts.hard_weight} > 0 needs labels, got None")
+    labels = check_labels(labels, tuple(lead), vocab, hs.device, opts, "student_hidden[..., 0]")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return hs, ws, ha, ht, wt, labels, bs, bt
@@ -215,8 +209,9 @@ class _FusedLinearContrastiveKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            _, grads = _chunk_pass(ctx.plan, grad_out.to(torch.float64 if ctx.plan.hs.dtype == torch.float64
-                                                        else torch.float32), ctx.need)
+            with torch.autocast(ctx.plan.hs.device.type, enabled=False):  # as in forward: fp32 accumulation
+                _, grads = _chunk_pass(ctx.plan, grad_out.to(torch.float64 if ctx.plan.hs.dtype == torch.float64
+                                                            else torch.float32), ctx.need)
             dtypes = (ctx.plan.hs.dtype, ctx.plan.ws.dtype, ctx.plan.bs.dtype if ctx.plan.bs is not None else None)
             out = [g.to(d) if g is not None else None for g, d in zip(grads, dtypes, strict=True)]
         else:
@@ -226,13 +221,27 @@ class _FusedLinearContrastiveKD(torch.autograd.Function):
         return out[0], out[1], out[2], None, None, None, None, None, None, None, None, None, None
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under ``torch.autocast`` (``Trainer(bf16=True)``), the dtype the GEMMs of autocast would compute in:
+    fp32/fp16/bf16 tensors cast to it (float64 stays, as autocast leaves it), so a bf16 hidden state meets an
+    fp32 head as it would in ``nn.Linear``; the cast is differentiable, so fp32 parameters get fp32 grads."""
+    device = next(x.device for x in tensors if isinstance(x, Tensor))
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(x.to(dtype) if isinstance(x, Tensor) and x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                 else x for x in tensors)
+
+
 def _fused_linear(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, reduction, num_items, backend, chunk_size,
                   teacher_vocab_slice) -> Tensor:
+    if any(isinstance(x, Tensor) for x in (hs, ws)):
+        hs, ws, ha, ht, wt, bs, bt = _autocast(hs, ws, ha, ht, wt, bs, bt)
     hs, ws, ha, ht, wt, labels, bs, bt = _check_inputs(hs, ws, ha, ht, wt, labels, bs, bt, opts,
                                                        teacher_vocab_slice, chunk_size)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items = _check_num_items(num_items, reduction)
+    num_items = check_num_items(num_items, reduction, hs.device)
     if not isinstance(backend, str) or backend not in ("auto", *BACKEND_NAMES):
         raise ValueError(f"backend must be one of {('auto', *BACKEND_NAMES)}, got {backend!r}")
     float64 = any(x is not None and x.dtype == torch.float64 for x in (hs, ha, ht))
@@ -247,8 +256,10 @@ def _fused_linear(hs, ws, ha, ht, wt, labels, bs, bt, opts: KDOptions, reduction
         per_entry = flat.element_size() + (wt.element_size() * (1 if ht is None or opts.plausibility_beta == 0
                                                                 else 2) if opts.uses_teacher else 0)
         chunk_size = _default_chunk(n, ws.shape[0], per_entry, hs.device)
-    return _FusedLinearContrastiveKD.apply(flat, ws, bs, ha2, ht2, wt, bt, labels2, opts, reduction, num_items, name,
-                                           chunk_size)
+    # The inputs are in their compute dtype now; inside, fp32 accumulation must not be autocast back down.
+    with torch.autocast(hs.device.type, enabled=False):
+        return _FusedLinearContrastiveKD.apply(flat, ws, bs, ha2, ht2, wt, bt, labels2, opts, reduction, num_items,
+                                               name, chunk_size)
 
 
 def fused_linear_contrastive_kd_loss(

@@ -50,7 +50,10 @@ def _check_teacher(name: str, x: object, s: Tensor, vocab_slice: bool) -> Tensor
     return x
 
 
-def _check_labels(labels: object, s: Tensor, opts: KDOptions) -> Tensor | None:
+def check_labels(labels: object, lead: tuple[int, ...], vocab: int, device: torch.device, opts: KDOptions,
+                 shape_hint: str = "student_logits[..., 0]") -> Tensor | None:
+    """The one label check of every public entry point: integer dtype, the logits' leading shape and device,
+    and (with ``hard_weight > 0``, where a label is read) each label in ``[0, V)`` or ``ignore_index``."""
     if labels is None:
         if opts.hard_weight > 0:
             raise ValueError(f"hard_weight={opts.hard_weight} > 0 needs labels (the Pseudo-GT token ids), got None")
@@ -59,16 +62,14 @@ def _check_labels(labels: object, s: Tensor, opts: KDOptions) -> Tensor | None:
         raise TypeError(f"labels must be an integer torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES:
         raise TypeError(f"labels must be an integer tensor (e.g. torch.int64), got {labels.dtype}")
-    if labels.shape != s.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(s.shape[:-1])} (student_logits[..., 0]), got "
-                         f"{tuple(labels.shape)}")
-    if labels.device != s.device:
-        raise ValueError(f"labels must be on the student's device {s.device}, got {labels.device}")
+    if tuple(labels.shape) != tuple(lead):
+        raise ValueError(f"labels must have shape {tuple(lead)} ({shape_hint}), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on the student's device {device}, got {labels.device}")
     if (opts.hard_weight > 0 and labels.device.type == "cpu" and labels.numel() > 0
             and not torch.compiler.is_compiling()):
         # A cheap check on eager CPU; on GPU (or traced) an out-of-range label gives a NaN row
         # instead of a host sync.
-        vocab = s.shape[-1]
         bad = (labels != opts.ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={opts.ignore_index}, got "
@@ -76,7 +77,14 @@ def _check_labels(labels: object, s: Tensor, opts: KDOptions) -> Tensor | None:
     return labels
 
 
-def _check_num_items(num_items_in_batch: object, reduction: str) -> int | Tensor | None:
+def _check_labels(labels: object, s: Tensor, opts: KDOptions) -> Tensor | None:
+    return check_labels(labels, tuple(s.shape[:-1]), s.shape[-1], s.device, opts)
+
+
+def check_num_items(num_items_in_batch: object, reduction: str, device: torch.device) -> int | Tensor | None:
+    """``num_items_in_batch``: None, an int > 0, or a 0-dim real tensor on the CPU or on ``device`` (the
+    student's). A CPU tensor is checked to be > 0 (no host sync); one on an accelerator is trusted: checking
+    it would stall the device (≤ 0 there gives an inf or negative loss)."""
     if num_items_in_batch is None:
         return None
     if reduction != "mean":
@@ -85,12 +93,43 @@ def _check_num_items(num_items_in_batch: object, reduction: str) -> int | Tensor
         if num_items_in_batch.dim() != 0:
             raise ValueError(f"num_items_in_batch must be an int or a 0-dim tensor, got shape "
                              f"{tuple(num_items_in_batch.shape)}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise TypeError(f"num_items_in_batch must be an integer or real tensor, got {num_items_in_batch.dtype}")
+        if num_items_in_batch.device.type != "cpu" and num_items_in_batch.device != device:
+            raise ValueError(f"num_items_in_batch must be on the CPU or on the student's device {device}, got "
+                             f"{num_items_in_batch.device}")
+        if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(num_items_in_batch > 0):
+                raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch.item()}")
         return num_items_in_batch
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int):
         raise TypeError(f"num_items_in_batch must be an int or a 0-dim tensor, got {type(num_items_in_batch).__name__}")
     if num_items_in_batch <= 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch}")
     return num_items_in_batch
+
+
+def _may_overlap(x: Tensor) -> bool:
+    """Whether two indices of ``x`` may address one element (an ``expand``, ``as_strided`` views): sufficient
+    test on the strides sorted ascending, each must step over everything the smaller ones span."""
+    span = 0
+    for size, stride in sorted(((n, st) for n, st in zip(x.shape, x.stride(), strict=True) if n > 1),
+                               key=lambda d: d[1]):
+        if stride <= span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _check_inplace(inplace_backward: object, s: Tensor) -> None:
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and _may_overlap(s):
+        # Each gradient entry would be written over others that the backward still reads.
+        raise ValueError(
+            f"inplace_backward=True writes the gradient into student_logits, whose elements overlap (shape "
+            f"{tuple(s.shape)}, strides {s.stride()}, e.g. from expand()); pass inplace_backward=False or "
+            f"student_logits.contiguous()")
 
 
 def _check_grad_in_forward(grad_in_forward: object, reduction: str, inplace_backward: bool) -> None:
@@ -131,9 +170,8 @@ def _contrastive_kd(
     labels = _check_labels(labels, s, opts)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items_in_batch = _check_num_items(num_items_in_batch, reduction)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    num_items_in_batch = check_num_items(num_items_in_batch, reduction, s.device)
+    _check_inplace(inplace_backward, s)
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     _check_grad_in_forward(grad_in_forward, reduction, inplace_backward)

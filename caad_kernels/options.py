@@ -18,6 +18,15 @@ STAT_NAMES = ("max_z", "log_sum_z", "max_s", "log_sum_s", "max_s_hard", "log_sum
 NUM_STATS = len(STAT_NAMES)
 
 
+# Accepted option ranges beyond SPEC §2's signs. The kernels compute z/τ = ((1+α)a − αt)/τ in fp32: with
+# |logits| ≤ 1e4 (SPEC §4) these bounds keep it below 2.1e12, far from fp32 overflow, and keep 1/τ a
+# normal fp32 number (τ = 1e-38 overflowed z/τ and τ = 1e300 flushed 1/τ to 0: NaN where float64 is
+# finite). Temperatures in use are 0.5–10 and α 0–5; the bounds leave four orders of magnitude.
+TEMPERATURE_RANGE = (1e-4, 1e4)
+ALPHA_MAX = 1e4
+WEIGHT_MAX = 1e30  # soft_weight, hard_weight: finite in fp32 even times a loss of 1e8
+
+
 def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
@@ -46,14 +55,17 @@ class KDOptions:
 
     def __post_init__(self) -> None:
         alpha = _real("alpha", self.alpha)
-        if not (0.0 <= alpha < math.inf):
-            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha!r}")
+        if not (0.0 <= alpha <= ALPHA_MAX):
+            raise ValueError(f"alpha must be a number in [0, {ALPHA_MAX:g}], got {self.alpha!r}")
         beta_p = _real("plausibility_beta", self.plausibility_beta)
         if not (0.0 <= beta_p < 1.0):
             raise ValueError(f"plausibility_beta must be in [0, 1), got {self.plausibility_beta!r}")
         tau = _real("temperature", self.temperature)
         if not (0.0 < tau < math.inf):
             raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not (TEMPERATURE_RANGE[0] <= tau <= TEMPERATURE_RANGE[1]):
+            raise ValueError(f"temperature must be in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}] (the fp32 "
+                             f"kernels' range), got {self.temperature!r}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
         beta_j = _real("jsd_beta", self.jsd_beta)
@@ -61,8 +73,8 @@ class KDOptions:
             raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta!r}")
         for name in ("soft_weight", "hard_weight"):
             w = _real(name, getattr(self, name))
-            if not (0.0 <= w < math.inf):
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+            if not (0.0 <= w <= WEIGHT_MAX):
+                raise ValueError(f"{name} must be a number in [0, {WEIGHT_MAX:g}], got {getattr(self, name)!r}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         if beta_p > 0 and self.soft_weight > 0 and self.divergence_code == REVERSE_KL:

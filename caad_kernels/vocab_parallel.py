@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .loss import _check_labels, _check_logits, _check_num_items, _check_teacher
+from .loss import _check_labels, _check_logits, _check_teacher, check_num_items
 from .options import FORWARD_KL, REDUCTIONS, REVERSE_KL, KDOptions
 from .reference import contrasted_logits, reduce_rows
 
@@ -46,6 +46,19 @@ def _masked_where(cond: Tensor, x: Tensor) -> Tensor:
     return torch.where(cond, x, torch.zeros_like(x))
 
 
+def _soft_grad(log_q: Tensor, log_p: Tensor, div_aux: Tensor, opts: KDOptions) -> Tensor:
+    """∂D/∂u of the local slice (reference.py's formulas), before the argmax compensation."""
+    q = log_q.exp()
+    code = opts.divergence_code
+    if code == FORWARD_KL:
+        return q - log_p.exp()
+    if code == REVERSE_KL:
+        return _masked_where(q > 0, q * (log_q - log_p - div_aux.unsqueeze(1)))
+    beta = opts.jsd_beta
+    log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
+    return (1 - beta) * _masked_where(q > 0, q * (log_q - log_m - div_aux.unsqueeze(1)))
+
+
 class _VocabParallelKD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, a, t, labels, opts: KDOptions, group):
@@ -54,7 +67,7 @@ class _VocabParallelKD(torch.autograd.Function):
         dt = torch.float64 if s.dtype == torch.float64 else torch.float32
         in_dtype = s.dtype
         s = s.to(dt)
-        offset = None  # only the hard term needs to know where this slice starts
+        offset = None  # only the hard term and the argmax compensation need where this slice starts
         valid = labels != opts.ignore_index if labels is not None else torch.ones(n, dtype=torch.bool, device=device)
         neg_inf = torch.tensor(-math.inf, dtype=dt, device=device)
         tau = opts.temperature
@@ -129,7 +142,21 @@ class _VocabParallelKD(torch.autograd.Function):
                 div = opts.jsd_beta * part[:, 0] + (1 - opts.jsd_beta) * part[:, 1]
                 div_aux = part[:, 1]
             loss = loss + opts.soft_weight * div
-            row_bad = row_bad | (totals[:, 2] == 0)  # no possible teacher token
+            # SPEC §3: no distribution (no possible teacher token, or no possible student token) is NaN.
+            row_bad = row_bad | (totals[:, 2] == 0) | (totals[:, 0] == 0)
+            if code != FORWARD_KL:
+                # The gradient's entry at the (first, global) student argmax is written in backward as
+                # minus the sum of all the others (reference._compensate_argmax): q·(r − D) cancels there.
+                # Its index and the row sum of the soft gradient need two small all-reduces, here.
+                d_u = _soft_grad(log_q, log_p, div_aux, opts)
+                if offset is None:
+                    offset = _vocab_offset(v_local, device, group)
+                is_max = st == m_s
+                none = torch.iinfo(torch.int64).max
+                first = torch.where(is_max.any(1), is_max.to(torch.uint8).argmax(1) + offset,
+                                    torch.full((n,), none, dtype=torch.int64, device=device))
+                ctx.arg = _all_reduce(first, dist.ReduceOp.MIN, group) - offset
+                ctx.soft_sum = _all_reduce(d_u.sum(1), dist.ReduceOp.SUM, group)
         log_sum_h = None
         if opts.uses_labels_as_targets:
             k = 3 if opts.uses_teacher else 2
@@ -159,15 +186,12 @@ class _VocabParallelKD(torch.autograd.Function):
         q = log_q.exp()
         grad = torch.zeros_like(q)
         if opts.uses_teacher:
-            code = opts.divergence_code
-            if code == FORWARD_KL:
-                d_u = q - log_p.exp()
-            elif code == REVERSE_KL:
-                d_u = _masked_where(q > 0, q * (log_q - log_p - div_aux.unsqueeze(1)))
-            else:
-                beta = opts.jsd_beta
-                log_m = torch.logaddexp(log_q + math.log1p(-beta), log_p + math.log(beta))
-                d_u = (1 - beta) * _masked_where(q > 0, q * (log_q - log_m - div_aux.unsqueeze(1)))
+            d_u = _soft_grad(log_q, log_p, div_aux, opts)
+            if opts.divergence_code != FORWARD_KL:
+                mine = (ctx.arg >= 0) & (ctx.arg < d_u.shape[1])
+                rows = mine.nonzero().squeeze(1)
+                cols = ctx.arg[rows]
+                d_u[rows, cols] = d_u[rows, cols] - ctx.soft_sum[rows]  # own − (own + others) = −others
             grad = grad + (opts.soft_weight / tau) * d_u
         if opts.uses_labels_as_targets:
             q_h = ((s - ctx.m_h) - ctx.log_sum_h.unsqueeze(1)).exp()
@@ -229,7 +253,7 @@ def vocab_parallel_contrastive_kd_loss(
         raise ValueError(f"hard_weight={opts.hard_weight} > 0 needs labels, got None")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items_in_batch = _check_num_items(num_items_in_batch, reduction)
+    num_items_in_batch = check_num_items(num_items_in_batch, reduction, s.device)
     vocab = s.shape[-1]
     flat_labels = labels.reshape(-1) if labels is not None else None
     rows = _VocabParallelKD.apply(s.reshape(-1, vocab), a.reshape(-1, vocab),

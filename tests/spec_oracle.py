@@ -70,7 +70,8 @@ def row_losses(s, a, t, y, *, alpha, plausibility_beta, temperature, divergence,
     loss = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
     bad = _bad(s)
     if soft_weight != 0:  # with soft_weight = 0 the teachers are not read at all
-        bad = bad | _bad(a) | (a == -INF).all(-1)  # no teacher distribution without a finite a
+        # SPEC §3: a row with no distribution (all of a, or all of s, −inf) is NaN for every divergence.
+        bad = bad | _bad(a) | (a == -INF).all(-1) | (s == -INF).all(-1)
         if alpha != 0:  # with alpha = 0 the text-only teacher is not read at all
             bad = bad | _bad(t) | ((t == -INF) & (a != -INF)).any(-1)
             z = torch.where(a == -INF, torch.full_like(a, -INF), (1 + alpha) * a - alpha * t)

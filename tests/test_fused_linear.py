@@ -20,7 +20,12 @@ import textwrap
 import pytest
 import torch
 
-from caad_kernels import FusedLinearContrastiveKDLoss, fused_linear_contrastive_kd_loss
+from caad_kernels import (
+    FusedLinearContrastiveKDLoss,
+    available_backends,
+    contrastive_kd_loss,
+    fused_linear_contrastive_kd_loss,
+)
 
 INF = float("inf")
 ERRORS = (ValueError, TypeError)
@@ -967,3 +972,44 @@ def test_lm_head_parameters_hook():
     assert b is not None and b.shape == (11,)
     with pytest.raises(ValueError, match="output embedding"):
         lm_head_parameters(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if b in available_backends("cpu")])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_amp_bf16_hidden_with_fp32_heads(reduction, backend):
+    """As Liger's test_amp (and Trainer(bf16=True)): under torch.autocast, bf16 hidden states meet fp32
+    heads and biases. Before, this was refused ("student_weight must have student_hidden's dtype"); it
+    must compute in the autocast dtype, with fp32 accumulation, like nn.Linear + the loss under autocast,
+    and give the fp32 parameters fp32 gradients."""
+    g = torch.Generator().manual_seed(31)
+    n, h, v = 10, 16, 53
+    hs = torch.randn(n, h, generator=g).bfloat16().requires_grad_()
+    ws = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
+    bs = (torch.randn(v, generator=g) * 0.1).requires_grad_()
+    ha, ht = torch.randn(n, h, generator=g).bfloat16(), torch.randn(n, h, generator=g).bfloat16()
+    wt, bt = torch.randn(v, h, generator=g) * 0.3, torch.randn(v, generator=g) * 0.1
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[3] = -100
+    kw = dict(alpha=0.5, divergence="jsd", temperature=2.0, hard_weight=0.3, reduction=reduction)
+    up = torch.rand(n, generator=g) if reduction == "none" else torch.tensor(1.7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_contrastive_kd_loss(hs, ws, ha, ht, wt, labels, student_bias=bs, teacher_bias=bt,
+                                                backend=backend, **kw)
+    (loss * up).sum().backward()
+    got = (loss.detach(), hs.grad, ws.grad, bs.grad)
+    for x in (hs, ws, bs):
+        x.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = torch.nn.functional.linear(hs, ws, bs)
+        a = torch.nn.functional.linear(ha, wt, bt)
+        t = torch.nn.functional.linear(ht, wt, bt)
+        ref = contrastive_kd_loss(s, a, t, labels, backend="torch", **kw)
+    (ref * up).sum().backward()
+    assert loss.dtype == torch.float32 and hs.grad.dtype == torch.bfloat16
+    assert ws.grad.dtype == bs.grad.dtype == torch.float32  # fp32 parameters, fp32 gradients
+    for what, x, y in zip(("loss", "grad_h", "grad_W", "grad_b"), got, (ref.detach(), hs.grad, ws.grad, bs.grad),
+                          strict=True):
+        # bf16 logits on both sides; the hidden-space contrast rounds the teacher once more.
+        torch.testing.assert_close(x.float(), y.float(), rtol=2e-2, atol=2e-2 * float(y.abs().max()), msg=what)
+    with pytest.raises(TypeError, match="student_weight must have student_hidden's dtype"):
+        fused_linear_contrastive_kd_loss(hs, ws, ha, ht, wt, labels)  # outside autocast: still refused

@@ -182,3 +182,60 @@ def test_module_validates_too():
         ContrastiveKDLoss(alpha=-1.0)(S, A, T, Y)
     with pytest.raises(ERRORS, match="divergence"):
         ContrastiveKDLoss(divergence="kl")(S, A, T, Y)
+
+
+@pytest.mark.parametrize("nib", [0, -3, 0.0, float("nan")], ids=["0", "-3", "0.0", "nan"])
+def test_num_items_tensor_not_positive_on_cpu(nib):
+    """A CPU tensor is checked like an int (no host sync is needed to read it); before, tensor(0) gave
+    inf and tensor(-3) a negative loss."""
+    msg = _raises("num_items_in_batch must be > 0", num_items_in_batch=torch.tensor(nib))
+    assert "got" in msg, msg
+
+
+def test_num_items_tensor_on_another_device():
+    """A tensor neither on the CPU nor on the student's device is named, not a NotImplementedError."""
+    _raises("num_items_in_batch must be on the CPU or on the student's device",
+            num_items_in_batch=torch.tensor(3, device="meta"))
+
+
+def test_num_items_tensor_bool():
+    _raises("num_items_in_batch must be an integer or real tensor", num_items_in_batch=torch.tensor(True))
+
+
+@pytest.mark.parametrize("layout", ["expanded_rows", "expanded_vocab", "as_strided_overlap"])
+def test_inplace_backward_refuses_overlapping_student(layout):
+    """Writing each row's gradient into memory shared with other rows would corrupt what the
+    backward still reads (a silently wrong gradient before); a clear error instead."""
+    base = _x(1, V, seed=4)
+    if layout == "expanded_rows":
+        s = base.expand(N, V)
+    elif layout == "expanded_vocab":
+        s = _x(N, 1, seed=4).expand(N, V)
+    else:
+        s = torch.as_strided(_x(N * V, seed=4), (N, V), (V // 2, 1))
+    msg = _raises("inplace_backward=True .*overlap", s, A, T, Y, inplace_backward=True)
+    assert str(tuple(s.stride())) in msg and "contiguous()" in msg, msg
+    # Without inplace_backward the same layout is fine (and refused nowhere else).
+    contrastive_kd_loss(s, A, T, Y, backend="torch")
+
+
+def test_inplace_backward_accepts_non_overlapping_views():
+    """A shifted 3-D view (logits[:, :-1]) and a transposed block do not overlap: accepted."""
+    x = _x(2, N + 1, V, seed=5)
+    contrastive_kd_loss(x[:, :-1], A.expand(2, N, V), T.expand(2, N, V), inplace_backward=True, backend="torch")
+    contrastive_kd_loss(_x(V, N, seed=6).t(), A, T, inplace_backward=True, backend="torch")
+
+
+def test_fused_linear_label_out_of_range_with_hard_weight():
+    """One label check for both entry points: fused-linear returned NaN where contrastive_kd_loss raised."""
+    from caad_kernels import fused_linear_contrastive_kd_loss
+
+    h, w = _x(N, 8, seed=7), _x(V, 8, seed=8)
+    for bad in (V, -7):
+        labels = torch.tensor([0, bad, -100])
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\) or ignore_index=-100, got {bad}"):
+            fused_linear_contrastive_kd_loss(h, w, h, h, w, labels, hard_weight=1.0)
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, {V}\) or ignore_index=-100, got {bad}"):
+            contrastive_kd_loss(S, A, T, labels, hard_weight=1.0)
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        fused_linear_contrastive_kd_loss(h, w, h, h, w, torch.zeros(N), hard_weight=1.0)

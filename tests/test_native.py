@@ -118,18 +118,7 @@ LOAD_AND_USE = """
 """
 
 
-def test_jit_build_is_cached_per_directory(tmp_path):
-    env = {**os.environ, "CAAD_EXT_DIR": str(tmp_path)}
-    first = _python(LOAD_AND_USE, env)
-    assert first.returncode == 0, first.stderr
-    kinds = ["cpu", "cuda"] if jit.cuda_buildable() else ["cpu"]  # a CUDA torch with a GPU builds both
-    assert "compiling the C++" in first.stderr and f"KINDS {kinds} jit" in first.stdout
-    second = _python(LOAD_AND_USE, env)
-    assert second.returncode == 0, second.stderr
-    assert "compiling" not in second.stderr, second.stderr  # reused: no second build
-    assert "CLOSE True" in second.stdout
-    built = list(tmp_path.glob("*/caad_native*.so"))
-    assert len(built) == 1, built
+# The JIT cache itself (first build, reuse, kills, truncation, read-only and concurrent use): tests/test_jit.py.
 
 
 AOT_USE = """

@@ -62,6 +62,14 @@ def contrastive_kd_bwd_kernel(
         if DIV == 2:
             log_1m_beta = tl.log(1.0 - jsd_beta)
             log_beta = tl.log(jsd_beta)
+        # Reverse KL / JSD: q·(r − D) cancels at a saturated student's argmax; the soft gradient sums to
+        # 0, so that entry (the first with s/τ = max_s) is withheld from the pass and written at the end
+        # as minus the sum of the others (see reference._compensate_argmax). Withheld, not overwritten:
+        # two stores to one address from different threads of a program would be unordered.
+        # Two scalars through the loop, the entry itself recomputed after it: the jsd+plausibility+hard
+        # variants are at the register limit (sm_90), more live state spilled.
+        arg = V * 0 - 1
+        soft_sum = tl.zeros([], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + offs
             mask = cols < V
@@ -69,6 +77,7 @@ def contrastive_kd_bwd_kernel(
             log_q = (s * inv_tau - max_s) - log_sum_s
             q = tl.exp(log_q)
             grad = tl.zeros([BLOCK_V], dtype=tl.float32)
+            store_mask = mask
             if SOFT:
                 a = tl.load(a_row + cols, mask=mask, other=NEG_INF).to(tl.float32)
                 if USE_TEXT:
@@ -90,7 +99,42 @@ def contrastive_kd_bwd_kernel(
                 else:
                     q_h = tl.exp((s - max_h) - log_sum_h)
                 grad += c_hard * (q_h - tl.where(cols == y, 1.0, 0.0))
-            store_rounded(g_row + cols, grad, mask, SOFTWARE_BF16_RNE)
+            if SOFT and DIV != 0:
+                soft_sum += tl.sum(tl.where(mask, c_soft * d_u, 0.0), axis=0)
+                first = tl.min(tl.where(mask & (s * inv_tau == max_s), cols, V), axis=0)
+                take = (arg < 0) & (first < V)
+                # mask & ~(cols == first & take), the scalars broadcast first (the interpreter mistypes
+                # block | scalar)
+                store_mask = mask & ((cols != first) | (arg + cols * 0 >= 0) | (first + cols * 0 >= V))
+                arg = tl.where(take, first, arg)
+            store_rounded(g_row + cols, grad, store_mask, SOFTWARE_BF16_RNE)
+        if SOFT and DIV != 0:
+            # The withheld entry, recomputed (its s is intact even in place: it was never overwritten) in
+            # lane 0: its own soft part minus the row's whole soft sum, plus its hard part.
+            lane0 = (offs == 0) & (arg + offs * 0 >= 0)
+            at = tl.where(lane0, arg, 0) + offs * 0
+            s = tl.load(s_row + at, mask=lane0, other=0.0).to(tl.float32)
+            a = tl.load(a_row + at, mask=lane0, other=0.0).to(tl.float32)
+            if USE_TEXT:
+                t = tl.load(t_row + at, mask=lane0, other=0.0).to(tl.float32)
+            else:
+                t = a
+            log_q = (s * inv_tau - max_s) - log_sum_s
+            q = tl.exp(log_q)
+            log_p = (contrast_block(a, t, alpha, threshold, USE_TEXT, PLAUS) * inv_tau - max_z) - log_sum_z
+            if DIV == 1:
+                d_u = tl.where(q > 0.0, q * (log_q - log_p - div_aux), 0.0)
+            else:
+                log_m = log_add_exp(log_q + log_1m_beta, log_p + log_beta)
+                d_u = (1.0 - jsd_beta) * tl.where(q > 0.0, q * (log_q - log_m - div_aux), 0.0)
+            fixed = c_soft * d_u - soft_sum  # = −Σ_{others} soft
+            if HARD:
+                if TAU_ONE:
+                    q_h = q
+                else:
+                    q_h = tl.exp((s - max_h) - log_sum_h)
+                fixed += c_hard * (q_h - tl.where(at == y, 1.0, 0.0))
+            store_rounded(g_row + at, fixed, lane0, SOFTWARE_BF16_RNE)
     else:
         # Ignored rows get an exact zero gradient (the buffer may be uninitialised or hold s).
         for start in range(0, V, BLOCK_V):

@@ -167,6 +167,8 @@ def contrastive_kd_fwd_kernel(
                     kl_qm += tl.sum(tl.where(q > 0.0, q * (log_q - log_m), 0.0), axis=0)
                 div = jsd_beta * kl_pm + (1.0 - jsd_beta) * kl_qm
                 div_aux = kl_qm
+            # SPEC §3: a row with no distribution (all of s/τ, or all of z/τ, −inf) has no divergence.
+            div = tl.where((sum_s == 0.0) | (sum_z == 0.0), float("nan"), div)
             loss += w_soft * div
         if TAU_ONE:
             mh = ms

@@ -673,6 +673,8 @@ CAAD_HD void finish_row(const Params& p, const FwdState& R, const Norms& nm, boo
       div = fadd(fmul(p.beta, kl_pm), fmul(p.one_minus_beta, kl_qm));
       div_aux = kl_qm;
     }
+    // SPEC §3: a row with no distribution (all of s/τ, or all of z/τ, −inf) has no divergence.
+    if (R.sum_s == 0.f || R.sum_z == 0.f) div = quiet_nan();
     loss = fadd(loss, fmul(p.w_soft, div));
   }
   const float max_h = p.tau_one ? nm.ms : safe_of(R.mh);

@@ -330,6 +330,8 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
       div = beta * kl_pm + (1 - beta) * kl_qm;
       div_aux = kl_qm;
     }
+    // SPEC §3: a row with no distribution (all of s/τ, or all of z/τ, −inf) has no divergence.
+    if (sum_s == 0 || sum_z == 0) div = std::numeric_limits<Acc>::quiet_NaN();
     loss += static_cast<Acc>(o.soft_weight) * div;
   }
   const Acc max_h = o.tau_one ? ms.safe : mh.safe;
@@ -369,9 +371,16 @@ void backward_row_impl(Acc upstream, const Row& s, const Row& a, const Row& t, i
   const Acc log_1m_beta = static_cast<Acc>(std::log1p(-o.jsd_beta));
   const Acc log_beta = static_cast<Acc>(std::log(o.jsd_beta));
   Acc unused = 0;
+  // Reverse KL / JSD: q·(r − D) cancels at the student's argmax when q saturates there (|x| ~ 1e3:
+  // r ≈ D ≈ 1e3, an error of an ulp of 1e3 where the true gradient is ~1e-4). The soft gradient
+  // sums to 0 exactly, so that one entry is written last as minus the sum of all the others.
+  const bool compensate = o.soft && o.divergence != kForwardKL;
+  int64_t arg = -1;                 // the first entry with s/τ = max_s: withheld until the end
+  Acc soft_sum = 0, arg_soft = 0, arg_hard = 0;
   for (int64_t start = 0; start < vocab; start += kBlock) {
     const int64_t n = std::min(kBlock, vocab - start);
     load_block(s, start, n, sb);
+    int64_t block_arg = -1;
     if (o.soft) {
       load_block(a, start, n, ab);
       if (o.use_text) load_block(t, start, n, tb);
@@ -406,12 +415,29 @@ void backward_row_impl(Acc upstream, const Row& s, const Row& a, const Row& t, i
       CAAD_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] = 0;
     }
+    if (compensate) {
+      Acc block_sum = 0;
+      CAAD_SIMD_SUM(block_sum)
+      for (int64_t i = 0; i < n; ++i) block_sum += g[i];
+      soft_sum += block_sum;
+      for (int64_t i = 0; arg < 0 && i < n; ++i) {
+        if (sb[i] * inv_tau == max_s) {
+          arg = block_arg = start + i;
+          arg_soft = g[i];
+        }
+      }
+    }
     if (o.hard) {
       CAAD_SIMD
       for (int64_t i = 0; i < n; ++i) g[i] += c_hard * vexp((sb[i] - max_h) - log_sum_h);
       if (label >= start && label < start + n) g[label - start] -= c_hard;
     }
+    if (block_arg >= 0) arg_hard = g[block_arg - start] - arg_soft;
     store_block(grad, grad_dtype, start, n, g);
+  }
+  if (arg >= 0) {
+    const Acc fixed = -(soft_sum - arg_soft) + arg_hard;
+    store_block(grad, grad_dtype, arg, 1, &fixed);
   }
 }
 

@@ -278,12 +278,11 @@ bool close(double got, double want, double rtol, double atol) {
 
 // The kernel's gradient of one row against the CPU core's float64 path, with SPEC §4's
 // budget: the dtype's rounding, plus 4× the largest error of the CPU core's own fp32 path on
-// this row (the error budget the Python tests use: where fp32 itself cannot reach rtol 1e-5,
-// e.g. a reverse-KL gradient q·(log q − log p − KL) whose KL carries fp32 rounding, the
-// kernel may be as far off as fp32 is, not more).
+// this row (the error budget the Python tests use), plus `allowance[j]`, the rounding model of
+// the CUDA kernels' direct form q·(r − D) (see direct_form_allowance).
 template <typename G>
 void check_grad_row(const std::string& where, const G* got, int64_t V, const std::vector<G>& core32,
-                    const std::vector<double>& core64) {
+                    const std::vector<double>& core64, const std::vector<double>& allowance) {
   using HG = Host<G>;
   double slack = 0, scale = 0;
   for (int64_t j = 0; j < V; ++j) {
@@ -296,7 +295,7 @@ void check_grad_row(const std::string& where, const G* got, int64_t V, const std
     const double g = HG::value(got[j]), w = core64[j];
     const double err = std::fabs(g - w);
     worst = std::fmax(worst, err);
-    const bool fine = err <= HG::kTol * std::fabs(w) + 1e-6 * scale + 4 * slack + 1e-7;
+    const bool fine = err <= HG::kTol * std::fabs(w) + 1e-6 * scale + 4 * slack + allowance[j] + 1e-7;
     if (!fine && std::getenv("EMU_VERBOSE") != nullptr) {
       std::printf("  j=%lld got %g want %g (fp32 core %g)\n", static_cast<long long>(j), g, w,
                   static_cast<double>(HG::value(core32[j])));
@@ -340,6 +339,47 @@ struct Opts {
   double alpha, beta_p, tau, jsd_beta, w_soft, w_hard;
   bool text;
 };
+
+// The CUDA kernels evaluate the reverse-KL / JSD gradient in its direct form q·(r − D), r = log q − log p
+// (or log q − log m), each term in fp32; the CPU core instead writes the entry at the student's argmax as
+// minus the sum of the others (exact where q saturates and r ≈ D ≈ |x|). The direct form's first-order
+// rounding error per entry is |c|·q·ε·(|x/τ| + |z/τ| + |log q| + |log p| + |D| + Σ q|log q| + Σ q|log p|),
+// given 4 ulps here. The budget borrowed the core's fp32 error alone before: that error depends on the
+// core's summation order, i.e. the build machine's vector width, and an AVX-512 host's core was accurate
+// enough to fail the direct form (block default div=1 V=203 row=7: 8e-6 against 4 × 1e-6), as was
+// the compensated core everywhere.
+template <typename T, int DIV>
+std::vector<double> direct_form_allowance(const Opts& o, const T* s, const T* a, const T* t, int64_t V,
+                                          const double* st, double upstream) {
+  using H = Host<T>;
+  std::vector<double> out(V, 0.0);
+  if (DIV == caad::kForwardKL || o.w_soft == 0) return out;
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const double threshold = o.beta_p > 0 ? st[caad::kMaxA] + std::log(o.beta_p) : ninf;
+  std::vector<double> lq(V), lp(V), zt(V);
+  double spread = 0;  // Σ q (|log q| + |log p|): the scale of D's own rounding
+  for (int64_t j = 0; j < V; ++j) {
+    const double x = H::value(s[j]), av = H::value(a[j]), tv = o.text ? H::value(t[j]) : 0.0;
+    double z = o.text && o.alpha != 0 ? (1 + o.alpha) * av - o.alpha * tv : av;
+    if (av == ninf || av < threshold) z = ninf;
+    zt[j] = (std::fabs((1 + o.alpha) * av) + std::fabs(o.alpha * tv)) / o.tau;
+    lq[j] = x / o.tau - st[caad::kMaxS] - st[caad::kLogSumS];
+    lp[j] = z / o.tau - st[caad::kMaxZ] - st[caad::kLogSumZ];
+    const double q = std::exp(lq[j]);
+    if (q > 0 && std::isfinite(lp[j])) spread += q * (std::fabs(lq[j]) + std::fabs(lp[j]));
+  }
+  const double c = std::fabs(upstream * o.w_soft / o.tau * (DIV == caad::kJSD ? 1 - o.jsd_beta : 1));
+  const double eps = std::numeric_limits<float>::epsilon();
+  for (int64_t j = 0; j < V; ++j) {
+    const double q = std::exp(lq[j]);
+    if (!(q > 0) || !std::isfinite(lq[j]) || !std::isfinite(zt[j])) continue;
+    const double lp_j = std::isfinite(lp[j]) ? std::fabs(lp[j]) : 0.0;
+    const double mag = std::fabs(lq[j]) + lp_j + zt[j] + std::fabs(lq[j] + st[caad::kMaxS] + st[caad::kLogSumS]) +
+                       std::fabs(st[caad::kDivAux]) + spread;
+    out[j] = 4 * eps * c * q * mag;
+  }
+  return out;
+}
 
 template <typename T, int DIV>
 void run_case(const Opts& o, int64_t V, int K, int threads, uint32_t seed) {
@@ -429,7 +469,10 @@ void run_case(const Opts& o, int64_t V, int K, int threads, uint32_t seed) {
       }
     }
     if (!std::isfinite(want_loss)) continue;  // a NaN/inf row's gradient is unspecified beyond "not silent"
-    check_grad_row<T>(where, &grad[n * stride], V, want_grad, want64);
+    check_grad_row<T>(where, &grad[n * stride], V, want_grad, want64,
+                      labels[n] == -100 ? std::vector<double>(V, 0.0)  // an ignored row: exactly 0
+                                        : direct_form_allowance<T, DIV>(o, &s[n * stride], &a[n * stride],
+                                                                        &t[n * stride], V, stats64, grad_rows[n]));
     // The padding after the row is never written.
     bool untouched = true;
     for (int64_t j = V; j < stride && n * stride + j < static_cast<int64_t>(grad.size()); ++j) {
@@ -545,7 +588,10 @@ void run_block_case(const Opts& o, int64_t V, int64_t offset, int64_t a_offset, 
     check(close(loss[n], want_loss, 2e-5, 2e-6), where + " loss " + std::to_string(loss[n]) + " vs " +
                                                      std::to_string(want_loss));
     if (!std::isfinite(want_loss)) continue;
-    check_grad_row<G>(where, g0 + at(n), V, want_grad, want64);
+    check_grad_row<G>(where, g0 + at(n), V, want_grad, want64,
+                      labels[n] == -100 ? std::vector<double>(V, 0.0)  // an ignored row: exactly 0
+                                        : direct_form_allowance<T, DIV>(o, s0 + at(n), a0 + at(n), t0 + at(n), V,
+                                                                        stats64, grad_rows[n]));
   }
   if (!inplace) {  // nothing outside the rows was written
     bool untouched = true;
