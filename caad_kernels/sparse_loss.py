@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import sparse_ops
 from .dispatch import BACKEND_NAMES, resolve_backend
-from .loss import _check_labels, _check_logits, _check_num_items
+from .loss import _check_inplace, _check_labels, _check_logits, check_num_items
 from .options import REDUCTIONS, KDOptions
 from .reference import reduce_rows
 from .sparse_reference import sparse_options
@@ -124,9 +124,8 @@ def _sparse_kd(s, ids, logprobs, tail, labels, opts: KDOptions, reduction, num_i
     labels = _check_labels(labels, s, opts)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    num_items_in_batch = _check_num_items(num_items_in_batch, reduction)
-    if not isinstance(inplace_backward, bool):
-        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    num_items_in_batch = check_num_items(num_items_in_batch, reduction, s.device)
+    _check_inplace(inplace_backward, s)  # an overlapping student would get a silently wrong gradient
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in ("auto", *BACKEND_NAMES):

@@ -487,3 +487,12 @@ def test_auto_dispatch(monkeypatch):
     assert resolve_sparse_backend("auto", cpu, float64=False) == "torch"
     with pytest.raises(TypeError, match="float64 needs one of"):
         resolve_sparse_backend("triton", cpu, float64=True)
+
+
+def test_inplace_backward_refuses_an_overlapping_student():
+    """An expanded (stride-0) student would have its gradient written over entries the backward still reads."""
+    s, ids, lp, tail = _good_targets()
+    shared = s[:1].expand(3, -1)
+    with pytest.raises(ValueError, match="whose elements overlap"):
+        sparse_contrastive_kd_loss(shared, ids, lp, tail, inplace_backward=True)
+    sparse_contrastive_kd_loss(shared, ids, lp, tail)  # without in-place writes it is fine
