@@ -63,6 +63,17 @@ void backward_row(float upstream, const Row& s, const Row& a, const Row& t, int6
 void backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
                   const KernelOptions& opts, const double* stats, void* grad, DType grad_dtype);
 
+// Loss and grad of one valid row in one call, as forward_row then backward_row give them, with
+// `work` a scratch of forward_backward_workspace(vocab) accumulator values: the forward keeps
+// its exponentials there, so the gradient (forward KL) reads s, a and t no second time.
+// `grad` must not alias the inputs.
+float forward_backward_row(float upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
+                           const KernelOptions& opts, float* stats, float* work, void* grad, DType grad_dtype);
+double forward_backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab,
+                            int64_t label, const KernelOptions& opts, double* stats, double* work, void* grad,
+                            DType grad_dtype);
+int64_t forward_backward_workspace(int64_t vocab);
+
 // Writes `vocab` zeros (the gradient of an ignored row).
 void zero_row(void* grad, DType grad_dtype, int64_t vocab);
 
