@@ -225,11 +225,17 @@ void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int
   Acc sx = 0, sy = 0, inf_count = 0;
 #pragma omp simd reduction(+ : sx, sy, inf_count)
   for (int64_t i = 0; i < n; ++i) {
-    const bool live = e[i] > 0;
-    const bool y_impossible = y[i] == kNegInf<Acc>;
-    sx += live ? e[i] * (x[i] - mx) : Acc(0);
-    sy += live && !y_impossible ? e[i] * (y[i] - my) : Acc(0);
-    inf_count += x[i] != kNegInf<Acc> && y_impossible ? Acc(1) : Acc(0);
+    // No select on the sums (GCC turns those into masked loads and blends): a gap clamped at the
+    // lowest finite value is exact wherever e > 0 (x − mx ≥ −745 there) and gives e·gap = 0 where
+    // x = −inf (e = 0). Where y = −inf the y-gap is garbage but the entry counts as infinite,
+    // which overrides the sum; where y = −inf and e = 0 it is 0·lowest = 0.
+    constexpr Acc kLowest = std::numeric_limits<Acc>::lowest();
+    const Acc dx = x[i] - mx, dy = y[i] - my;
+    const Acc gap_x = dx > kLowest ? dx : kLowest;
+    const Acc gap_y = dy > kLowest ? dy : kLowest;
+    sx += e[i] * gap_x;
+    sy += e[i] * gap_y;
+    inf_count += x[i] != kNegInf<Acc> && y[i] == kNegInf<Acc> ? Acc(1) : Acc(0);
   }
   gx = sx;
   gy = sy;
