@@ -87,7 +87,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines += [f"### {mode}, {dtype}, N = {n}, V = {vocab:,}{floors}", "",
                   "| contender | median | time / ours | tokens/s | "
                   + ("× memory floor | × exp floor" if cpu else "% roofline") + " | peak extra |",
-                  "|---|---|---|---|---|" + ("---|" if cpu else "")]
+                  "|---|---|---|---|---|---|" + ("---|" if cpu else "")]
         for r in sorted(case, key=lambda r: r["median_s"]):
             ratio = f"{r['median_s'] / best['median_s']:.2f}×" if best else "n/a"
             tokens = f"{r['tokens_per_s']:,.0f}" if "tokens_per_s" in r else "n/a"

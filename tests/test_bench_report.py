@@ -28,6 +28,7 @@ def test_report_ratios_table_and_plots(tmp_path):
     assert "| caad-cpu (ours) | 250.0 ms | 1.00× |" in text
     assert "| eager | 4000.0 ms | 16.00× |" in text and "| torch.compile | 500.0 ms | 2.00× |" in text
     assert "2.70 GiB" in text and "reproduce:" in text
+    assert "| peak extra |\n|---|---|---|---|---|---|\n" in text  # one separator per column
     written = plots(rows, tmp_path)
     assert written and all(p.stat().st_size > 1000 for p in written)
 
@@ -51,6 +52,7 @@ def test_cpu_floor_columns_and_headline(tmp_path):
     assert "| caad-cpu-gif (ours) | 100.0 ms | 1.00× | 20,480 | 2.00 | 5.00 |" in text
     assert "| torch.compile | 300.0 ms | 3.00× | 6,827 | 6.00 | 15.00 |" in text
     assert "copy 20.0 GB/s" in text and "3.00 G exp/s" in text
+    assert "| peak extra |\n|---|---|---|---|---|---|---|\n" in text
 
     case = {"n": 2048, "vocab": 32000, "dtype": "float32", "mode": "fwd+bwd", "rounds": 3, "memory_floor_s": 0.05,
             "exp_floor_s": 0.02, "skipped": {"liger": "needs CUDA"}, "contenders": {

@@ -8,6 +8,9 @@
 //   * generalized JSD (0 < beta_j < 1) only: a second pass, since log m needs
 //     both normalisers first.
 // The backward is one pass that rebuilds p and q from 5 per-row statistics.
+// forward_backward_row (grad_in_forward) instead keeps the forward's exps of s/τ
+// and z/τ in a per-thread scratch of ~2·V floats (L2-resident at V = 32,000) and
+// writes the gradient from it: s, a, t are read once for both (forward KL).
 // Inputs are read block by block into small fp32 stack buffers so the inner
 // loops are plain float loops the compiler vectorises (exp and log are
 // branch-free polynomials, see fast_math.h); all sums are fp32.
