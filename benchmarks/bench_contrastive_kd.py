@@ -8,7 +8,10 @@ Shapes follow the device (CPU set here, GPU set on CUDA). Each case first checks
 contender's loss agrees with the float64-accumulated reference on the same inputs; a peer that
 computes something else is recorded as such, not timed against us. Figures go to
 ``extra_info``: tokens/s, effective GB/s, % of the bandwidth roofline measured in the same
-run, peak extra memory, loss agreement. Nothing here asserts a speed.
+run, on the CPU the time as a multiple of the memory floor and of the exp floor (both measured
+in the same process, see ``benchmarks.measure.CpuRoofline``), peak extra memory, loss agreement.
+Nothing here asserts a speed. ``python -m benchmarks.headline`` times the headline CPU case with
+interleaved rounds (the ratio to trust on a shared machine).
 """
 
 from __future__ import annotations
@@ -56,7 +59,8 @@ def _reference_loss(s, a, t, labels) -> float:
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("contender", CONTENDERS, ids=lambda c: c.name)
-def test_contrastive_kd(benchmark, contender, dtype, shape, mode, request, copy_bandwidth_bytes_per_s):
+def test_contrastive_kd(benchmark, contender, dtype, shape, mode, request, copy_bandwidth_bytes_per_s,
+                        cpu_roofline_limits):
     n, vocab = shape
     smoke = request.config.getoption("benchmark_disable")
     if contender.materialises and n * vocab > MATERIALISE_LIMIT and not smoke:
@@ -105,6 +109,16 @@ def test_contrastive_kd(benchmark, contender, dtype, shape, mode, request, copy_
         tokens_per_s=n / median, effective_gb_per_s=moved / median / 1e9, roofline_ms=roofline_s * 1e3,
         percent_of_roofline=100 * roofline_s / median, copy_bandwidth_gb_per_s=copy_bandwidth_bytes_per_s / 1e9,
     )
+    if cpu_roofline_limits is not None:
+        # The CPU roofline: the memory floor (s, a, t read once, grad_s written once, at the copy bandwidth)
+        # and the compute floor (two exps per entry on every core); the larger one bounds the kernel.
+        limits = cpu_roofline_limits
+        memory_s, exp_s = limits.memory_floor_s(n, vocab, dtype, backward), limits.exp_floor_s(n, vocab)
+        benchmark.extra_info.update(
+            memory_floor_ms=memory_s * 1e3, exp_floor_ms=exp_s * 1e3, times_memory_floor=median / memory_s,
+            times_exp_floor=median / exp_s, floor_bound="memory" if memory_s >= exp_s else "exp",
+            exp_per_s_per_core=limits.exp_per_s_per_core, log_per_s_per_core=limits.log_per_s_per_core,
+            cores=limits.cores)
     if DEVICE.type == "cuda":
         s = s0.detach().clone().requires_grad_(backward)
         benchmark.extra_info["peak_extra_bytes"] = gpu_peak_extra(lambda: run(s))

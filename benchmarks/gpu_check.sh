@@ -23,8 +23,11 @@ timeout 240 python3 -m pytest -q --maxfail=25 -rf tests/test_gpu.py tests/test_n
   2>&1 | tee "$out/tests.log"
 tests_rc=${PIPESTATUS[0]}
 
-# Headline cases of ANCHORS.md: N=8192, V=151,936 and N=8192, V=32,000, bf16, fwd+bwd, every contender.
-timeout 150 python3 -m pytest benchmarks/ --benchmark-only -q -k "fwd+bwd and (N8192-V151936 or N8192-V32000)" \
+# Headline cases of ANCHORS.md: N=8192, V=151,936 and N=8192, V=32,000, bf16, fwd+bwd: our backends against
+# the plain formula a user writes, eager and under torch.compile (benchmarks/implementations.py), TRL, Liger,
+# torchtune. The F.kl_div spelling of the same formula is left to CPU runs (two more compilations here).
+timeout 180 python3 -m pytest benchmarks/bench_contrastive_kd.py --benchmark-only -q \
+  -k "fwd+bwd and (N8192-V151936 or N8192-V32000) and not kl_div" \
   --benchmark-json "$out/bench.json" 2>&1 | tee "$out/bench.log"
 python3 -m benchmarks.report "$out/bench.json" --out "$out" 2>&1 | tail -n 1
 exit "$tests_rc"

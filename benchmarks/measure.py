@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +43,9 @@ def sync(device: torch.device) -> None:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-to-device (GPU) or STREAM-like (CPU) copy bandwidth in bytes/s, read + write counted."""
+    """Device-to-device (GPU: median of 10) or STREAM-like (CPU: best of 10, all threads) copy bandwidth in
+    bytes/s, read + write counted. The CPU takes the best round: on a shared machine the others measure the
+    neighbours, and a floor should be the machine's."""
     if device.type == "cpu":
         nbytes = min(nbytes, 1 << 28)
     x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
@@ -55,7 +58,50 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
         sync(device)
         times.append(time.perf_counter() - start)
     times = sorted(times[2:])
-    return 2 * nbytes / times[len(times) // 2]
+    best = times[0] if device.type == "cpu" else times[len(times) // 2]
+    return 2 * nbytes / best
+
+
+def cpu_transcendental_rate(op: str = "exp", numel: int = 1 << 14, repeats: int = 200) -> float:
+    """One core's throughput of torch's vectorised ``exp`` or ``log`` (values/s, best of 5) on an
+    L2-resident fp32 buffer: the compute side of the CPU roofline (the loss needs two exps per entry)."""
+    fn = {"exp": torch.exp, "log": torch.log}[op]
+    x = torch.rand(numel) * -20.0 if op == "exp" else torch.rand(numel) + 0.5
+    out = torch.empty_like(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(repeats):
+                fn(x, out=out)
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return numel * repeats / best
+
+
+@dataclass(frozen=True)
+class CpuRoofline:
+    """The CPU machine limits measured in the benchmark's own process."""
+
+    copy_bytes_per_s: float  # all threads
+    exp_per_s_per_core: float
+    log_per_s_per_core: float
+    cores: int  # torch threads
+
+    def memory_floor_s(self, n: int, vocab: int, dtype: torch.dtype, backward: bool) -> float:
+        return roofline_bytes(n, vocab, dtype, backward) / self.copy_bytes_per_s
+
+    def exp_floor_s(self, n: int, vocab: int) -> float:
+        """Two exps per entry (softmax of s and of z), on every core: no kernel computes fewer."""
+        return 2 * n * vocab / (self.exp_per_s_per_core * self.cores)
+
+
+def cpu_roofline() -> CpuRoofline:
+    return CpuRoofline(copy_bandwidth(torch.device("cpu")), cpu_transcendental_rate("exp"),
+                       cpu_transcendental_rate("log"), torch.get_num_threads())
 
 
 def roofline_bytes(n: int, vocab: int, dtype: torch.dtype, backward: bool) -> int:

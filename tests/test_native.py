@@ -62,7 +62,10 @@ def test_opcheck_native_ops(scalars, dtype, strided):
 @pytest.mark.parametrize("scalars", SCALARS, ids=["fkl", "jsd-plaus-hard", "rkl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
 def test_native_forward_backward_op(scalars, dtype):
-    """The one-call op (grad_in_forward) = native_kd_forward then native_kd_backward, and passes opcheck."""
+    """The one-call op (grad_in_forward) = native_kd_forward then native_kd_backward, and passes opcheck.
+    Loss and statistics are the forward's, bit for bit; the gradient too where the op runs the two-pass
+    row kernel (float64, reverse KL, JSD, the hard term at τ ≠ 1), and within fp32 rounding where it is
+    written from the forward's kept exponentials (forward KL in fp32 accumulation)."""
     s, a, t, labels = _rows(dtype, strided=True, seed=4)
     grad_rows = torch.rand(s.shape[0] * s.shape[1], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     loss, stats = torch.ops.caad.native_kd_forward(s, a, t, labels, *scalars)
@@ -70,7 +73,12 @@ def test_native_forward_backward_op(scalars, dtype):
     torch.ops.caad.native_kd_backward(grad_rows, s, a, t, labels, stats, *scalars, want)
     got = torch.full_like(want, float("nan"))
     loss2, stats2 = torch.ops.caad.native_kd_forward_backward(grad_rows, s, a, t, labels, *scalars, got)
-    assert torch.equal(loss2, loss) and torch.equal(stats2, stats) and torch.equal(got, want)
+    assert torch.equal(loss2, loss) and torch.equal(stats2, stats)
+    if scalars[3] == 0 and dtype != torch.float64:
+        eps = torch.finfo(dtype).eps  # bf16: the two fp32 gradients may round to neighbouring values
+        torch.testing.assert_close(got, want, rtol=max(1e-5, eps), atol=1e-7)
+    else:
+        assert torch.equal(got, want)
     torch.library.opcheck(torch.ops.caad.native_kd_forward_backward.default,
                           (grad_rows, s, a, t, labels, *scalars, torch.empty_like(want)))
 

@@ -5,6 +5,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <memory>
 #include <optional>
 
 #include "../kernel/contrastive_kd.h"
@@ -166,20 +169,78 @@ void native_kd_backward_cpu(const at::Tensor& grad_rows, const at::Tensor& s, co
   }
 }
 
-// On the CPU the two passes stay separate kernels: running forward then backward over
-// chunks of 4 or 16 rows (so the gradient pass finds the rows in cache) measured no
-// faster than whole-tensor passes here (2 cores, N = 2048, V = 32,000), the loops
-// scaling with cores rather than with memory traffic.
+// Rows are handed out dynamically, `chunk` at a time from a shared counter: on a machine whose
+// cores are shared (CI), a static split waits for the slowest core. Each row's result depends
+// on that row alone, so the order does not change any value (SPEC §4 determinism).
+template <typename F>
+void for_rows_dynamic(int64_t rows, int64_t chunk, const F& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (rows + chunk - 1) / chunk);
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t, int64_t) {
+    body([&](int64_t& begin, int64_t& end) {
+      begin = next.fetch_add(chunk, std::memory_order_relaxed);
+      end = std::min(begin + chunk, rows);
+      return begin < rows;
+    });
+  });
+}
+
+// Forward and backward row by row in one pass over the rows: each row's loss, statistics and
+// gradient (upstream weight grad_rows[n]) come from one read of its s, a and t; the forward
+// keeps its exponentials in a per-thread scratch of ~2·V floats (forward_backward_row).
+template <typename Acc>
+void forward_backward_rows(const Acc* up_p, int64_t up_stride, const RowView& sv, const RowView& av,
+                           const RowView& tv, const RowView& gv, const Labels& lab, int64_t rows, int64_t vocab,
+                           int64_t ignore_index, const KernelOptions& o, Acc* loss_p, Acc* stats_p) {
+  for_rows_dynamic(rows, grain_rows(vocab), [&](const auto& claim) {
+    std::unique_ptr<Acc[]> work(new Acc[forward_backward_workspace(vocab)]);
+    int64_t begin = 0, end = 0;
+    while (claim(begin, end)) {
+      for (int64_t n = begin; n < end; ++n) {
+        void* g = const_cast<void*>(gv.at(n));
+        const int64_t y = lab.has() ? lab.at(n) : 0;
+        Acc* st = stats_p + n * kNumStats;
+        if (lab.has() && y == ignore_index) {
+          loss_p[n] = 0;
+          for (int k = 0; k < kNumStats; ++k) st[k] = 0;
+          zero_row(g, gv.dtype, vocab);
+          continue;
+        }
+        loss_p[n] = forward_backward_row(up_p[n * up_stride], sv.row(n), av.row(n), tv.row(n), vocab, y, o, st,
+                                         work.get(), g, gv.dtype);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> native_kd_forward_backward_cpu(
     const at::Tensor& grad_rows, const at::Tensor& s, const at::Tensor& a, const std::optional<at::Tensor>& t,
     const std::optional<at::Tensor>& labels, double alpha, double plausibility_beta, double temperature,
     int64_t divergence, double jsd_beta, double soft_weight, double hard_weight, int64_t ignore_index,
     const at::Tensor& grad_s) {
-  auto out = native_kd_forward_cpu(s, a, t, labels, alpha, plausibility_beta, temperature, divergence, jsd_beta,
-                                   soft_weight, hard_weight, ignore_index);
-  native_kd_backward_cpu(grad_rows, s, a, t, labels, std::get<1>(out), alpha, plausibility_beta, temperature,
-                         divergence, jsd_beta, soft_weight, hard_weight, ignore_index, grad_s);
-  return out;
+  check_rows(s, s, "s");
+  check_rows(a, s, "a");
+  if (t.has_value()) check_rows(*t, s, "t");
+  check_rows(grad_s, s, "grad_s");
+  const int64_t rows = s.size(0) * s.size(1), vocab = s.size(2);
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == rows, "grad_rows must be [N]");
+  const bool dbl = wants_double(s, a, t);
+  const auto acc = s.options().dtype(dbl ? at::kDouble : at::kFloat);
+  auto loss = at::empty({rows}, acc);
+  auto stats = at::empty({rows, kNumStats}, acc);
+  const KernelOptions o = make_options(alpha, plausibility_beta, temperature, divergence, jsd_beta, soft_weight,
+                                       hard_weight, t.has_value());
+  const at::Tensor up = grad_rows.to(acc.dtype());
+  const RowView sv(s, "s"), av(a, "a"), tv(t.has_value() ? *t : a, "t"), gv(grad_s, "grad_s");
+  const Labels lab(labels, s);
+  if (dbl) {
+    forward_backward_rows<double>(up.data_ptr<double>(), up.stride(0), sv, av, tv, gv, lab, rows, vocab,
+                                  ignore_index, o, loss.data_ptr<double>(), stats.data_ptr<double>());
+  } else {
+    forward_backward_rows<float>(up.data_ptr<float>(), up.stride(0), sv, av, tv, gv, lab, rows, vocab,
+                                 ignore_index, o, loss.data_ptr<float>(), stats.data_ptr<float>());
+  }
+  return {loss, stats};
 }
 
 }  // namespace

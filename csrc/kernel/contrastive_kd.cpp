@@ -97,6 +97,16 @@ void load_block(const Row& row, int64_t offset, int64_t n, Acc* out) {
   }
 }
 
+// A block of a row as Acc values: the row's own memory when it is stored as Acc already
+// (fp32 rows on the fast path: no copy), else converted into `buf`.
+template <typename Acc>
+const Acc* block_view(const Row& row, int64_t offset, int64_t n, Acc* buf) {
+  constexpr DType kAcc = sizeof(Acc) == sizeof(float) ? DType::kFloat32 : DType::kFloat64;
+  if (row.dtype == kAcc) return static_cast<const Acc*>(row.ptr) + offset;
+  load_block(row, offset, n, buf);
+  return buf;
+}
+
 template <typename Acc>
 void store_block(void* dst, DType dtype, int64_t offset, int64_t n, const Acc* in) {
   switch (dtype) {
@@ -215,20 +225,37 @@ void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int
   Acc sx = 0, sy = 0, inf_count = 0;
 #pragma omp simd reduction(+ : sx, sy, inf_count)
   for (int64_t i = 0; i < n; ++i) {
-    const bool live = e[i] > 0;
-    const bool y_impossible = y[i] == kNegInf<Acc>;
-    sx += live ? e[i] * (x[i] - mx) : Acc(0);
-    sy += live && !y_impossible ? e[i] * (y[i] - my) : Acc(0);
-    inf_count += x[i] != kNegInf<Acc> && y_impossible ? Acc(1) : Acc(0);
+    // No select on the sums (GCC turns those into masked loads and blends): a gap clamped at the
+    // lowest finite value is exact wherever e > 0 (x − mx ≥ −745 there) and gives e·gap = 0 where
+    // x = −inf (e = 0). Where y = −inf the y-gap is garbage but the entry counts as infinite,
+    // which overrides the sum; where y = −inf and e = 0 it is 0·lowest = 0.
+    constexpr Acc kLowest = std::numeric_limits<Acc>::lowest();
+    const Acc dx = x[i] - mx, dy = y[i] - my;
+    const Acc gap_x = dx > kLowest ? dx : kLowest;
+    const Acc gap_y = dy > kLowest ? dy : kLowest;
+    sx += e[i] * gap_x;
+    sy += e[i] * gap_y;
+    inf_count += x[i] != kNegInf<Acc> && y[i] == kNegInf<Acc> ? Acc(1) : Acc(0);
   }
   gx = sx;
   gy = sy;
   infinite += inf_count;
 }
 
+// What the forward keeps for a backward in the same call (forward_backward_row): each
+// block's exp(s/τ − m_s) and exp(z/τ − m_z), relative to the running maxima m_s, m_z
+// reached at that block, and those maxima ([vocab], [vocab], [blocks], [blocks]).
+template <typename Acc>
+struct RowCapture {
+  Acc* exp_s;
+  Acc* exp_z;
+  Acc* max_s;
+  Acc* max_z;
+};
+
 template <typename Acc>
 Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
-                     const KernelOptions& o, Acc* stats) {
+                     const KernelOptions& o, Acc* stats, const RowCapture<Acc>* capture = nullptr) {
   using std::log;
   const Acc inv_tau = static_cast<Acc>(o.inv_tau);
   alignas(64) Acc sb[kBlock], st[kBlock], ab[kBlock], tb[kBlock], zt[kBlock], es[kBlock], ez[kBlock];
@@ -236,8 +263,7 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   if (o.soft && o.plausibility) {
     for (int64_t start = 0; start < vocab; start += kBlock) {
       const int64_t n = std::min(kBlock, vocab - start);
-      load_block(a, start, n, ab);
-      max_a = std::max(max_a, block_max(ab, n));
+      max_a = std::max(max_a, block_max(block_view(a, start, n, ab), n));
     }
   }
   const Acc threshold = max_a + static_cast<Acc>(o.log_beta_p);
@@ -251,33 +277,37 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   Acc acc_ss = 0, acc_sz = 0;  // reverse KL, mirrored
   Acc chk = 0;                 // stays 0 unless a NaN/+inf rule of SPEC §3 fires
   Acc infinite = 0;            // entries that make forward/reverse KL +inf (see weighted_gaps)
-  for (int64_t start = 0; start < vocab; start += kBlock) {
+  for (int64_t start = 0, block = 0; start < vocab; start += kBlock, ++block) {
     const int64_t n = std::min(kBlock, vocab - start);
-    load_block(s, start, n, sb);
+    const Acc* sp = block_view(s, start, n, sb);
+    Acc* es_out = capture ? capture->exp_s + start : es;
+    Acc* ez_out = capture ? capture->exp_z + start : ez;
     Acc smax = kNegInf<Acc>, c = 0;
 #pragma omp simd reduction(+ : c) reduction(max : smax)
     for (int64_t i = 0; i < n; ++i) {
-      c += sb[i] == kNegInf<Acc> ? Acc(0) : sb[i] * Acc(0);
-      st[i] = sb[i] * inv_tau;
+      c += sp[i] == kNegInf<Acc> ? Acc(0) : sp[i] * Acc(0);
+      st[i] = sp[i] * inv_tau;
       smax = st[i] > smax ? st[i] : smax;
     }
     chk += c;
     Acc c_s, shift_s;
     advance(ms, smax, c_s, shift_s);
-    const Acc block_sum_s = exp_block(st, n, ms.safe, es);
+    const Acc block_sum_s = exp_block(st, n, ms.safe, es_out);
+    if (capture) capture->max_s[block] = ms.safe;
     if (o.soft) {
-      load_block(a, start, n, ab);
-      if (o.use_text) load_block(t, start, n, tb);
+      const Acc* ap = block_view(a, start, n, ab);
+      const Acc* tp = o.use_text ? block_view(t, start, n, tb) : ap;  // read only with the text path
       Acc c_z, shift_z;
-      advance(mz, contrast_block(ab, tb, n, o, threshold, zt, chk), c_z, shift_z);
-      const Acc block_sum_z = exp_block(zt, n, mz.safe, ez);
+      advance(mz, contrast_block(ap, tp, n, o, threshold, zt, chk), c_z, shift_z);
+      const Acc block_sum_z = exp_block(zt, n, mz.safe, ez_out);
+      if (capture) capture->max_z[block] = mz.safe;
       Acc gx, gy;
       if (o.divergence == kForwardKL) {
-        weighted_gaps(ez, zt, mz.safe, st, ms.safe, n, gx, gy, infinite);
+        weighted_gaps(ez_out, zt, mz.safe, st, ms.safe, n, gx, gy, infinite);
         acc_zz = c_z * (acc_zz - shift_z * sum_z) + gx;
         acc_zs = c_z * (acc_zs - shift_s * sum_z) + gy;
       } else if (o.divergence == kReverseKL) {
-        weighted_gaps(es, st, ms.safe, zt, mz.safe, n, gx, gy, infinite);
+        weighted_gaps(es_out, st, ms.safe, zt, mz.safe, n, gx, gy, infinite);
         acc_ss = c_s * (acc_ss - shift_s * sum_s) + gx;
         acc_sz = c_s * (acc_sz - shift_z * sum_s) + gy;
       }
@@ -286,8 +316,8 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
     sum_s = sum_s * c_s + block_sum_s;
     if (o.hard && !o.tau_one) {
       Acc c_h, shift_h;
-      advance(mh, block_max(sb, n), c_h, shift_h);
-      sum_h = sum_h * c_h + exp_block(sb, n, mh.safe, es);
+      advance(mh, block_max(sp, n), c_h, shift_h);
+      sum_h = sum_h * c_h + exp_block(sp, n, mh.safe, es);
     }
   }
 
@@ -461,6 +491,63 @@ void backward_row(float upstream, const Row& s, const Row& a, const Row& t, int6
 void backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
                   const KernelOptions& opts, const double* stats, void* grad, DType grad_dtype) {
   backward_row_impl<double>(upstream, s, a, t, vocab, label, opts, stats, grad, grad_dtype);
+}
+
+int64_t forward_backward_workspace(int64_t vocab) {
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  return 2 * vocab + 2 * blocks;
+}
+
+// The forward keeps its exps (RowCapture in `work`); the gradient is then, per block b,
+// q = exp_s·exp(m_s(b) − m_s − log Σ_s) and p = exp_z·exp(m_z(b) − m_z − log Σ_z): one
+// multiply per entry instead of a second read of s, a, t and two exps. Only where the
+// gradient is q and p alone (forward KL; the hard term's softmax(s) is q at τ = 1) and
+// the loss is finite; the SPEC §3 rows (NaN, +inf, no distribution) take backward_row.
+float forward_backward_row(float upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
+                           const KernelOptions& o, float* stats, float* work, void* grad, DType grad_dtype) {
+  const bool from_exps = (!o.soft || o.divergence == kForwardKL) && (!o.hard || o.tau_one);
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  const RowCapture<float> cap{work, work + vocab, work + 2 * vocab, work + 2 * vocab + blocks};
+  const float loss = forward_row_impl<float>(s, a, t, vocab, label, o, stats, from_exps ? &cap : nullptr);
+  if (!from_exps || !std::isfinite(loss)) {
+    backward_row_impl<float>(upstream, s, a, t, vocab, label, o, stats, grad, grad_dtype);
+    return loss;
+  }
+  const float max_s = stats[kMaxS], log_sum_s = stats[kLogSumS];
+  const float max_z = stats[kMaxZ], log_sum_z = stats[kLogSumZ];
+  const float c_soft = upstream * static_cast<float>(o.soft_weight * o.inv_tau);
+  const float c_hard = upstream * static_cast<float>(o.hard_weight);
+  alignas(64) float g[kBlock];
+  for (int64_t start = 0, block = 0; start < vocab; start += kBlock, ++block) {
+    const int64_t n = std::min(kBlock, vocab - start);
+    // min(·, 0): a block seen while the running max was still −inf has m(b) = 0 and only zero exps.
+    const float fq = vexp(std::min(cap.max_s[block] - max_s, 0.f) - log_sum_s);
+    const float* es = cap.exp_s + start;
+    if (o.soft) {
+      const float fp = vexp(std::min(cap.max_z[block] - max_z, 0.f) - log_sum_z);
+      const float* ez = cap.exp_z + start;
+      CAAD_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = c_soft * (es[i] * fq - ez[i] * fp);
+    } else {
+      CAAD_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] = 0;
+    }
+    if (o.hard) {
+      CAAD_SIMD
+      for (int64_t i = 0; i < n; ++i) g[i] += c_hard * (es[i] * fq);
+      if (label >= start && label < start + n) g[label - start] -= c_hard;
+    }
+    store_block(grad, grad_dtype, start, n, g);
+  }
+  return loss;
+}
+
+double forward_backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab,
+                            int64_t label, const KernelOptions& o, double* stats, double* /*work*/, void* grad,
+                            DType grad_dtype) {
+  const double loss = forward_row_impl<double>(s, a, t, vocab, label, o, stats);
+  backward_row_impl<double>(upstream, s, a, t, vocab, label, o, stats, grad, grad_dtype);
+  return loss;
 }
 
 void zero_row(void* grad, DType grad_dtype, int64_t vocab) {

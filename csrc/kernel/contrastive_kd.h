@@ -8,6 +8,9 @@
 //   * generalized JSD (0 < beta_j < 1) only: a second pass, since log m needs
 //     both normalisers first.
 // The backward is one pass that rebuilds p and q from 5 per-row statistics.
+// forward_backward_row (grad_in_forward) instead keeps the forward's exps of s/τ
+// and z/τ in a per-thread scratch of ~2·V floats (L2-resident at V = 32,000) and
+// writes the gradient from it: s, a, t are read once for both (forward KL).
 // Inputs are read block by block into small fp32 stack buffers so the inner
 // loops are plain float loops the compiler vectorises (exp and log are
 // branch-free polynomials, see fast_math.h); all sums are fp32.
@@ -62,6 +65,17 @@ void backward_row(float upstream, const Row& s, const Row& a, const Row& t, int6
                   const KernelOptions& opts, const float* stats, void* grad, DType grad_dtype);
 void backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
                   const KernelOptions& opts, const double* stats, void* grad, DType grad_dtype);
+
+// Loss and grad of one valid row in one call, as forward_row then backward_row give them, with
+// `work` a scratch of forward_backward_workspace(vocab) accumulator values: the forward keeps
+// its exponentials there, so the gradient (forward KL) reads s, a and t no second time.
+// `grad` must not alias the inputs.
+float forward_backward_row(float upstream, const Row& s, const Row& a, const Row& t, int64_t vocab, int64_t label,
+                           const KernelOptions& opts, float* stats, float* work, void* grad, DType grad_dtype);
+double forward_backward_row(double upstream, const Row& s, const Row& a, const Row& t, int64_t vocab,
+                            int64_t label, const KernelOptions& opts, double* stats, double* work, void* grad,
+                            DType grad_dtype);
+int64_t forward_backward_workspace(int64_t vocab);
 
 // Writes `vocab` zeros (the gradient of an ignored row).
 void zero_row(void* grad, DType grad_dtype, int64_t vocab);

@@ -119,6 +119,14 @@ void run_case(const Case& c, int64_t v, uint32_t seed, double rtol, double atol,
   bool ok = true;
   for (int64_t i = 0; i < v; ++i) ok = ok && close(grad[i], 0.7 * (double)want_grad[i], rtol, atol);
   check(ok, std::string(name) + " grad");
+  // The one-pass row (grad_in_forward): same loss and gradient from the forward's kept exponentials.
+  std::vector<Acc> work(caad::forward_backward_workspace(v)), grad1(v);
+  Acc stats1[caad::kNumStats];
+  const Acc loss1 = caad::forward_backward_row(Acc(0.7), rs, ra, rt, v, y, o, stats1, work.data(), grad1.data(), dt);
+  check(close(loss1, (double)want, rtol, atol), std::string(name) + " one-pass loss");
+  ok = true;
+  for (int64_t i = 0; i < v; ++i) ok = ok && close(grad1[i], 0.7 * (double)want_grad[i], rtol, atol);
+  check(ok, std::string(name) + " one-pass grad");
 }
 
 void test_parity() {

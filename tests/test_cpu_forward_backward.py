@@ -1,0 +1,122 @@
+"""The ``cpu`` backend's one-pass forward + backward (``grad_in_forward=True``, op ``native_kd_forward_backward``).
+
+Each row's gradient comes from the exponentials its forward kept (one multiply per entry, no second read of
+s, a, t) where the gradient is q and p alone — forward KL, the hard term at τ = 1 — and the loss is finite;
+everything else takes the two-pass row kernel. Checked against the float64 oracle of SPEC §2 on several
+vocabulary blocks (V > 512), rows whose running maximum starts at −inf, |x| ~ 1e4, and against
+``grad_in_forward=False`` bit for bit on the rows SPEC §3 makes non-finite.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from spec_oracle import assert_matches_oracle  # noqa: E402
+
+from caad_kernels import available_backends, contrastive_kd_loss  # noqa: E402
+
+pytestmark = pytest.mark.skipif("cpu" not in available_backends("cpu"), reason="the C++ kernels did not build")
+
+INF = float("inf")
+OPTS = {
+    "forward_kl": dict(),
+    "hard_tau1": dict(soft_weight=0.6, hard_weight=0.4),  # from the kept exps: softmax(s) = q at τ = 1
+    "hard_tau2": dict(soft_weight=0.6, hard_weight=0.4, temperature=2.0),  # two-pass rows
+    "hard_only": dict(soft_weight=0.0, hard_weight=1.0),
+    "alpha0_no_text": dict(alpha=0.0),
+    "plausibility": dict(alpha=0.5, plausibility_beta=0.1),
+    "tau0.5": dict(temperature=0.5),
+    "reverse_kl": dict(divergence="reverse_kl"),  # two-pass rows
+    "jsd": dict(divergence="jsd", jsd_beta=0.3),  # two-pass rows
+}
+
+
+def _rows(N, V, seed, scale=3.0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    s, a, t = (torch.randn(N, V, generator=g, dtype=torch.float64) * scale for _ in range(3))
+    labels = torch.randint(0, V, (N,), generator=g)
+    labels[1::4] = -100
+    return s.to(dtype), a.to(dtype), t.to(dtype), labels
+
+
+def _run(s, a, t, labels, gif, **opts):
+    leaf = s.detach().clone().requires_grad_(True)
+    loss = contrastive_kd_loss(leaf, a, t, labels, backend="cpu", grad_in_forward=gif, **opts)
+    loss.backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("V", [1, 7, 513, 1500])
+@pytest.mark.parametrize("name", list(OPTS))
+def test_matches_oracle(name, V, dtype):
+    opts = dict(OPTS[name])
+    s, a, t, labels = _rows(6, V, seed=V, dtype=dtype)
+    text = None if opts.get("alpha", 1.0) == 0 else t
+    loss, grad = _run(s, a, text, labels, True, **opts)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert (grad[1::4] == 0).all()  # ignored rows: exactly 0
+    assert_matches_oracle(loss, grad, s, a, text, labels, **opts)
+
+
+def _hard_rows(V=1500):
+    """Rows that stress the kept exponentials: a leading run of −inf longer than a block (the running
+    maximum is −inf there, then jumps to ~−1e4), |x| ~ 1e4, a maximum in the last block."""
+    g = torch.Generator().manual_seed(7)
+    s, a, t = (torch.randn(4, V, generator=g, dtype=torch.float64) * 3 for _ in range(3))
+    for x in (s, a, t):
+        x[0, :700] = -INF
+        x[0, 700:] -= 1e4
+        x[1] *= 3000.0
+        x[2, -5:] += 40.0
+    a[3, :600] = -INF  # masked teacher tokens only: p = 0 there, q > 0
+    t[0, :700] = 0.0  # −inf in a masks the token whatever t is
+    return s.float(), a.float(), t.float()
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "hard_tau1", "plausibility"])
+def test_stress_rows_match_oracle(name):
+    s, a, t = _hard_rows()
+    labels = torch.tensor([800, 3, 1499, 10])
+    loss, grad = _run(s, a, t, labels, True, **OPTS[name])
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_matches_oracle(loss, grad, s, a, t, labels, **OPTS[name])
+    loss_two_pass, grad_two_pass = _run(s, a, t, labels, False, **OPTS[name])
+    torch.testing.assert_close(grad, grad_two_pass, rtol=1e-5, atol=1e-7)
+
+
+def test_non_finite_rows_take_the_two_pass_kernel():
+    """NaN, +inf and no-distribution rows (SPEC §3): the same loss and gradient as grad_in_forward=False."""
+    V = 1100
+    s, a, t, _ = _rows(6, V, seed=3)
+    s[0, 900] = float("nan")
+    a[1, 5] = INF
+    t[2, 600] = -INF  # −inf in t where a is finite: NaN
+    s[3, 1000] = -INF  # where p > 0: +inf
+    s[4] = -INF  # no student distribution
+    # row 5: finite, from the kept exponentials
+    labels = torch.arange(6)
+    for opts in (dict(reduction="sum"), dict(reduction="sum", soft_weight=0.5, hard_weight=0.5)):
+        loss, grad = _run(s, a, t, labels, True, **opts)
+        loss_ref, grad_ref = _run(s, a, t, labels, False, **opts)
+        torch.testing.assert_close(loss, loss_ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad[:5], grad_ref[:5], equal_nan=True, rtol=0, atol=0)
+        torch.testing.assert_close(grad[5], grad_ref[5], rtol=1e-5, atol=1e-7)  # the finite row: kept exps
+
+
+def test_deterministic_across_thread_counts():
+    """Rows are handed to threads dynamically: the result may not depend on which thread took which row."""
+    s, a, t, labels = _rows(64, 700, seed=11)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _run(s, a, t, labels, True)
+        torch.set_num_threads(max(2, before))
+        two = _run(s, a, t, labels, True)
+        again = _run(s, a, t, labels, True)
+    finally:
+        torch.set_num_threads(before)
+    for x, y in ((one, two), (two, again)):
+        assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
