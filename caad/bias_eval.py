@@ -254,8 +254,8 @@ def evaluate_bias(
         records: labelled records with conditions (see the module doc); audio as ``{"array", "sampling_rate"}``.
         processor: the processor shared by the models.
         models: name -> a model, or a list of models (runs, e.g. seeds of one recipe; scored together).
-        contrastive: name -> a teacher (or list) decoded with audio-aware contrastive decoding (``alpha``,
-            ``plausibility_beta``).
+        contrastive: name -> a teacher (or list) decoded with audio-aware contrastive decoding at ``alpha`` and
+            ``plausibility_beta``, or name -> ``(teacher, alpha, plausibility_beta)`` for its own setting.
         n_boot, seed: the bootstrap (see :func:`bias_metrics`).
 
     Returns:
@@ -267,12 +267,15 @@ def evaluate_bias(
     records = list(records)
     results: dict[str, Any] = {"n": condition_counts(records), "level": 0.95, "n_boot": n_boot, "seed": seed,
                                "alpha": alpha, "plausibility_beta": plausibility_beta, "models": {}}
-    jobs = [(name, m, False) for name, m in models.items()]
-    jobs += [(name, m, True) for name, m in (contrastive or {}).items()]
-    for name, model, contrast in jobs:
+    jobs = [(name, m, False, alpha, plausibility_beta) for name, m in models.items()]
+    for name, spec in (contrastive or {}).items():
+        if isinstance(spec, tuple) and len(spec) == 3:
+            jobs.append((name, spec[0], True, float(spec[1]), float(spec[2])))
+        else:
+            jobs.append((name, spec, True, alpha, plausibility_beta))
+    for name, model, contrast, a, b in jobs:
         runs = model if isinstance(model, (list, tuple)) else [model]
-        answers = [generate_answers(m, processor, records, contrastive=contrast, alpha=alpha,
-                                    plausibility_beta=plausibility_beta, max_new_tokens=max_new_tokens,
-                                    batch_size=batch_size) for m in runs]
+        answers = [generate_answers(m, processor, records, contrastive=contrast, alpha=a, plausibility_beta=b,
+                                    max_new_tokens=max_new_tokens, batch_size=batch_size) for m in runs]
         results["models"][name] = bias_metrics(answers, records, n_boot=n_boot, seed=seed)
     return results

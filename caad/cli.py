@@ -1,4 +1,4 @@
-"""The ``caad`` command: ``caad pseudo-gt``, ``caad train``, ``caad eval``.
+"""The ``caad`` command: ``caad pseudo-gt``, ``caad train``, ``caad eval``, ``caad bias-eval``, ``caad sweep``.
 
 Options come from flags and/or a YAML/JSON config file (``--config``); a flag given on the command
 line wins over the file. ``caad train`` with no ``--data`` runs the built-in demo.
@@ -117,7 +117,7 @@ def cmd_pseudo_gt(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     train_defaults = {"data": None, "teacher": None, "student": None, "output_dir": None, "epochs": None,
                       "batch_size": None, "learning_rate": None, "text_only_view": "drop", "kd_backend": "auto",
-                      "template": "{label}", "skip_bad": False, **dict.fromkeys(LOSS_OPTIONS)}
+                      "template": "{label}", "skip_bad": False, "full_study": False, **dict.fromkeys(LOSS_OPTIONS)}
     opts = _merged(args, train_defaults)
     loss = {k: opts[k] for k in LOSS_OPTIONS if opts[k] is not None}
     if opts["data"] is None:
@@ -134,6 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             settings.student_learning_rate = opts["learning_rate"]
         settings.loss = {**settings.loss, **loss, "text_only_view": opts["text_only_view"],
                          "kd_backend": opts["kd_backend"]}
+        settings.full_study = bool(opts["full_study"])
         run_demo(settings)
         return 0
     if not (opts["teacher"] and opts["student"]):
@@ -224,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kd-backend", choices=["auto", "torch", "triton", "cpu", "cuda"], default=None)
     p.add_argument("--template", default=None, help="Pseudo-GT template for records without one")
     p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--full-study", action="store_true", default=None, help="demo only: the full bias study (alpha x "
+                   "plausibility grid, 3 seeds, alpha picked on a held-out split, a report); tens of minutes")
     p.add_argument("--config", help="YAML/JSON file with the same options")
     _add_loss_flags(p)
     p.set_defaults(func=cmd_train)
@@ -241,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", default=None)
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_eval)
+
+    from .bias_cli import register as register_bias_commands  # bias-eval, sweep
+
+    register_bias_commands(sub)
     return parser
 
 
