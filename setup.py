@@ -77,8 +77,9 @@ setup(
     extras_require={
         # matplotlib: the report test; setuptools/wheel: the ahead-of-time build test (--no-build-isolation)
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib", "setuptools>=68", "wheel"],
-        # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets.
-        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets"],
+        # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets; matplotlib for the demo's
+        # and `caad bias-eval --plot`'s PNG.
+        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets", "matplotlib"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },

@@ -30,7 +30,7 @@ def _fail(command: str, message: str) -> SystemExit:
 
 def cmd_bias_eval(args: argparse.Namespace) -> int:
     from .bias_diagnostic import format_diagnostic, logits_diagnostic
-    from .bias_eval import evaluate_bias, format_bias_table, write_json
+    from .bias_eval import condition_counts, evaluate_bias, format_bias_table, write_json
     from .cli import _as_dicts, _load_model, _merged, _processor, _records
 
     opts = _merged(args, BIAS_EVAL_DEFAULTS)
@@ -40,6 +40,14 @@ def cmd_bias_eval(args: argparse.Namespace) -> int:
         raise _fail("bias-eval", "--contrastive decodes the teacher: give --teacher DIR")
     if opts["diagnose"] and not opts["teacher"]:
         raise _fail("bias-eval", "--diagnose reads the teacher's logits: give --teacher DIR")
+    def conditioned(processor: Any) -> list[dict[str, Any]]:
+        records = _as_dicts(_records(opts["data"], opts["skip_bad"], processor))
+        try:  # before any model runs: a set without conditions is refused at once, by name
+            condition_counts(records)
+        except ValueError as exc:
+            raise _fail("bias-eval", f"{opts['data']}: {exc}") from None
+        return records
+
     students = opts["student"] or []
     students = [students] if isinstance(students, str) else list(students)
     kw = dict(alpha=opts["alpha"], plausibility_beta=opts["plausibility_beta"], n_boot=opts["bootstrap"],
@@ -48,13 +56,13 @@ def cmd_bias_eval(args: argparse.Namespace) -> int:
     student_models = []
     if students:
         processor = _processor(students[0])
-        records = _as_dicts(_records(opts["data"], opts["skip_bad"], processor))
+        records = conditioned(processor)
         student_models = [_load_model(path) for path in students]
         results = evaluate_bias(records, processor, {"student": student_models}, **kw)
     diagnostic = None
     if opts["teacher"]:
         processor = _processor(opts["teacher"])
-        records = _as_dicts(_records(opts["data"], opts["skip_bad"], processor))
+        records = conditioned(processor)
         teacher = _load_model(opts["teacher"])
         label = f"teacher, contrastive decoding (alpha={opts['alpha']:g}, beta_p={opts['plausibility_beta']:g})"
         teacher_results = evaluate_bias(records, processor, {"teacher": teacher},
@@ -86,7 +94,7 @@ def cmd_bias_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .bias_eval import evaluate_bias, format_bias_table, write_json
+    from .bias_eval import condition_counts, evaluate_bias, format_bias_table, write_json
     from .bias_study import SELECT_METRICS, parse_grid, quiet_saves, run_grid, select
     from .cli import _as_dicts, _load_model, _merged, _processor, _records
     from .pseudo_gt import render_template
@@ -107,6 +115,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               "pseudo_gt": r.pseudo_gt if r.pseudo_gt is not None else render_template(r, opts["template"])}
              for r in _records(opts["data"], opts["skip_bad"], processor)]
     heldout = _as_dicts(_records(opts["heldout"], opts["skip_bad"], processor))
+    try:
+        condition_counts(heldout)
+    except ValueError as exc:
+        raise _fail("sweep", f"--heldout {opts['heldout']}: {exc}") from None
     teacher = _load_model(opts["teacher"])
     out = Path(opts["output_dir"])
     out.mkdir(parents=True, exist_ok=True)

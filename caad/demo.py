@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,7 @@ class DemoSettings:
     study_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     study_plausibility_betas: tuple[float, ...] = (0.0, 0.1)
     study_seeds: tuple[int, ...] = (0, 1, 2)
+    study_kd: bool = True  # the study includes the KD baseline (a shard run beside another may leave it out)
     n_val: int = 90  # the full study's held-out split for picking alpha (not the evaluation clips)
     select_metric: str = "mean_accuracy"
     study_dir: str | None = None  # default: <output_dir>/study
@@ -233,7 +235,11 @@ def _run_demo(settings: DemoSettings) -> dict[str, Any]:
     _warm_up_kernels(backend)
 
     if settings.full_study:
-        grid = [GridPoint(0.0), *parse_grid(settings.study_alphas, settings.study_plausibility_betas)]
+        grid = [*([GridPoint(0.0)] if settings.study_kd else []),
+                *(parse_grid(settings.study_alphas, settings.study_plausibility_betas) if settings.study_alphas
+                  else [])]
+        if not grid:
+            raise ValueError("the full study's grid is empty: give study_alphas or study_kd=True")
         seeds = settings.study_seeds
     else:
         grid = [GridPoint(0.0), GridPoint(alpha, beta)]
@@ -250,7 +256,7 @@ def _run_demo(settings: DemoSettings) -> dict[str, Any]:
                         epochs=settings.student_epochs, learning_rate=settings.student_learning_rate,
                         batch_size=settings.batch_size, loss=loss, log=_log)
     _remove_if_empty(out / "runs")
-    caad_name = next(p.name for p in grid if p.alpha > 0)
+    caad_name = next((p.name for p in grid if p.alpha > 0), grid[0].name)
     student_dir = out / "student"
     with quiet_saves():
         students[caad_name][0].save_pretrained(student_dir)
@@ -262,10 +268,14 @@ def _run_demo(settings: DemoSettings) -> dict[str, Any]:
     _log(f"bias evaluation on {settings.n_eval} held-out clips (greedy answers; bootstrap over items)")
     results = evaluate_bias(eval_raw, processor, {"teacher": teacher, **students}, contrastive=contrastive,
                             n_boot=settings.n_boot, seed=settings.seed)
-    diagnostic = logits_diagnostic(teacher, processor, eval_raw,
-                                   alphas=sorted({0.5, 1.0, 2.0, *(p.alpha for p in grid if p.alpha > 0)}),
-                                   students={name: students[name] for name in students}, plausibility_beta=0.0)
-    metrics: dict[str, Any] = {"bias": results, "diagnostic": diagnostic}
+    # one diagnostic per plausibility beta_p of the grid, with the students distilled at that beta_p
+    diagnostics = {}
+    for b in dict.fromkeys(p.plausibility_beta for p in grid):
+        diagnostics[f"{b:g}"] = logits_diagnostic(
+            teacher, processor, eval_raw, alphas=sorted({0.5, 1.0, 2.0, *(p.alpha for p in grid if p.alpha > 0)}),
+            students={p.name: students[p.name] for p in grid if p.plausibility_beta == b}, plausibility_beta=b)
+    diagnostic = next(iter(diagnostics.values()))
+    metrics: dict[str, Any] = {"bias": results, "diagnostic": diagnostic, "diagnostics": diagnostics}
     if settings.full_study:
         val_raw = beep_records(settings.n_val, seed=settings.seed + 2, conditions=settings.eval_conditions)
         validation = evaluate_bias(val_raw, processor, students, n_boot=settings.n_boot, seed=settings.seed)
@@ -284,45 +294,85 @@ def _run_demo(settings: DemoSettings) -> dict[str, Any]:
           f"Students: mean of {len(seeds)} seeds.", flush=True)
     print(format_bias_table(results))
     print()
-    print(format_diagnostic(diagnostic), flush=True)
+    print("\n\n".join(format_diagnostic(d) for d in diagnostics.values()), flush=True)
     if settings.full_study:
         chosen = metrics["selected"]
         print(f"\nselected on {settings.n_val} separate held-out clips by {chosen['metric']}: {chosen['model']}")
-        _write_study_report(settings, metrics, results, diagnostic)
+        study = Path(settings.study_dir or out / "study")
+        write_study_report(metrics, study, settings=asdict(settings), command=_command())
     _log(f"done in {metrics['seconds']:.0f} s: teacher {teacher_dir}; CAAD student -> {student_dir}; "
          f"metrics -> {out / 'metrics.json'}" + (f"; plot -> {png}" if png else ""))
     return metrics
 
 
-def _write_study_report(settings: DemoSettings, metrics, results, diagnostic) -> None:
+def _command() -> str:
+    if Path(sys.argv[0]).name in ("caad", "__main__.py"):
+        return " ".join(["caad", *sys.argv[1:]])
+    return "caad train --full-study"
+
+
+def merge_study(shards: list[str | Path], out_dir: str | Path, *, command: str) -> dict[str, Any]:
+    """Merge the ``results.json`` of study shards (runs of disjoint parts of the grid, e.g. in parallel) into one
+    report in ``out_dir``: models and diagnostics are united, α is re-selected over all validation models."""
+    from .bias_study import select
+
+    merged: dict[str, Any] | None = None
+    for shard in shards:
+        part = json.loads((Path(shard) / "results.json").read_text())
+        if merged is None:
+            merged = part
+            continue
+        for key in ("bias", "validation"):
+            merged[key]["models"].update(part[key]["models"])
+        merged["diagnostics"].update(part["diagnostics"])
+        merged["seconds"] = max(merged["seconds"], part["seconds"])
+        merged["settings"]["study_plausibility_betas"] = sorted(
+            {*merged["settings"]["study_plausibility_betas"], *part["settings"]["study_plausibility_betas"]})
+        merged["settings"]["study_kd"] = merged["settings"]["study_kd"] or part["settings"]["study_kd"]
+    if merged is None:
+        raise ValueError("merge_study needs at least one shard")
+    for key in ("bias", "validation"):  # report order: the teacher, its contrastive decoding, then the students
+        models = merged[key]["models"]
+        merged[key]["models"] = dict(sorted(models.items(), key=lambda kv: (kv[0] != "teacher",
+                                                                           kv[0].startswith("student"))))
+    metric = merged["selected"]["metric"]
+    merged["selected"] = {"metric": metric, "model": select(merged["validation"]["models"], metric)}
+    merged["shards"] = [str(s) for s in shards]
+    write_study_report(merged, Path(out_dir), settings=merged["settings"], command=command)
+    return merged
+
+
+def write_study_report(metrics: dict[str, Any], study: Path, *, settings: dict[str, Any], command: str) -> None:
+    """``REPORT.md`` (date, commit, command, tables, diagnostic, selection), ``bias.png`` and ``results.json``."""
     from .bias_diagnostic import format_diagnostic
     from .bias_eval import format_bias_table, write_json
 
-    study = Path(settings.study_dir or Path(settings.output_dir) / "study")
     study.mkdir(parents=True, exist_ok=True)
+    metrics = {**metrics, "settings": settings}
     write_json(metrics, study / "results.json")
-    png = _plot(results, study / "bias.png", title=f"Text-prior bias, full study ({len(settings.study_seeds)} seeds)")
-    command = " ".join(["caad", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("caad", "__main__.py") else \
-        "caad train --full-study"
-    validation = metrics["validation"]
-    chosen = metrics["selected"]
+    results, validation, chosen = metrics["bias"], metrics["validation"], metrics["selected"]
+    seeds = settings["study_seeds"]
+    png = _plot(results, study / "bias.png", title=f"Text-prior bias, full study ({len(seeds)} seeds)")
     lines = [
         "# Text-prior bias: KD vs CAAD, full study",
         "",
         f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; commit: {_commit()}; "
-        f"torch {torch.__version__}; {metrics['seconds']:.0f} s end to end",
+        f"torch {torch.__version__}; {metrics['seconds']:.0f} s wall end to end (see the machine line)",
         f"- command: `{command}`",
-        f"- machine: {sys.platform}, {__import__('os').cpu_count()} CPU cores (shared with other jobs while it ran)",
-        f"- teacher: tiny Qwen2-Audio ({settings.teacher_hidden} hidden, {settings.teacher_layers} layers) trained "
-        f"on both views of {settings.n_train} clips with cues {settings.train_conditions}",
-        f"- students: {settings.student_hidden} hidden, {settings.student_layers} layer(s), "
-        f"{settings.student_epochs} epochs, seeds {list(settings.study_seeds)}",
+        f"- machine: {sys.platform}, {os.cpu_count()} CPU cores, shared with other jobs while it ran (wall times "
+        "are not the demo's cost on an idle machine)",
+        f"- teacher: tiny Qwen2-Audio ({settings['teacher_hidden']} hidden, {settings['teacher_layers']} layers, "
+        f"{settings['teacher_epochs']} epochs) trained on both views of {settings['n_train']} clips with cues "
+        f"{settings['train_conditions']}",
+        f"- students: {settings['student_hidden']} hidden, {settings['student_layers']} layer(s), "
+        f"{settings['student_epochs']} epochs, seeds {list(seeds)} (initialisation and data order; every grid point "
+        "gets the same ones)",
         "",
-        f"## Held-out evaluation ({settings.n_eval} clips)",
+        f"## Held-out evaluation ({settings['n_eval']} clips)",
         "",
-        "Accuracy (%) per condition, text-following and other-wrong on adversarial items, gap = faithful − "
-        "adversarial accuracy; [95 % bootstrap interval over items]; students: mean over seeds, and the range "
-        "over seeds on the second line.",
+        "Accuracy (%) of the greedy answer per condition; text-following and other-wrong: share of adversarial "
+        "items answered with the cue / with another wrong answer; gap = faithful − adversarial accuracy (points); "
+        "[95 % bootstrap interval over items]; students: mean over seeds, the range over seeds on the line below.",
         "",
         "```",
         format_bias_table(results),
@@ -333,10 +383,10 @@ def _write_study_report(settings: DemoSettings, metrics, results, diagnostic) ->
         "## Logits at the answer position (adversarial items)",
         "",
         "```",
-        format_diagnostic(diagnostic),
+        "\n\n".join(format_diagnostic(d) for d in metrics["diagnostics"].values()),
         "```",
         "",
-        f"## α picked on a separate held-out split ({settings.n_val} clips) by {chosen['metric']}",
+        f"## α picked on a separate held-out split ({settings['n_val']} clips) by {chosen['metric']}",
         "",
         "```",
         format_bias_table(validation),

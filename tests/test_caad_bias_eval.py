@@ -155,3 +155,33 @@ def test_argmax_outcomes_on_constructed_logits():
         == {"truth": 0.0, "cue": 0.0, "other": 0.0}
     with pytest.raises(ValueError, match=r"\[N, V\]"):
         argmax_outcomes(a[0], truth, cue)
+
+
+def test_grid_and_alpha_selection():
+    from caad.bias_study import GridPoint, parse_grid, select, selection_score
+
+    grid = parse_grid([0, 1, 2], [0.0, 0.1])
+    assert grid == [GridPoint(0.0, 0.0), GridPoint(0.0, 0.1), GridPoint(1.0, 0.0), GridPoint(1.0, 0.1),
+                    GridPoint(2.0, 0.0), GridPoint(2.0, 0.1)]
+    assert GridPoint(0.0).name == "student, KD (alpha=0)" and GridPoint(2.0, 0.1).name == \
+        "student, CAAD (alpha=2, beta_p=0.1)"
+    with pytest.raises(ValueError, match="alpha must be >= 0, got -1"):
+        parse_grid([-1.0])
+    with pytest.raises(ValueError, match=r"beta_p must be in \[0, 1\), got 1.0"):
+        parse_grid([1.0], [1.0])
+
+    def metrics(f, a, n, follow):
+        return {"faithful": {"accuracy": {"mean": f}}, "adversarial": {"accuracy": {"mean": a},
+                                                                       "text_following": {"mean": follow}},
+                "neutral": {"accuracy": {"mean": n}}, "gap": {"mean": f - a}}
+
+    models = {"kd": metrics(0.9, 0.3, 0.8, 0.6), "caad1": metrics(0.85, 0.6, 0.8, 0.3),
+              "caad2": metrics(0.6, 0.7, 0.4, 0.1)}
+    assert selection_score(models["caad1"], "mean_accuracy") == pytest.approx((0.85 + 0.6 + 0.8) / 3)
+    assert select(models, "mean_accuracy") == "caad1"  # 0.75 beats 0.667 (kd) and 0.567 (caad2)
+    assert select(models, "adversarial_accuracy") == "caad2"
+    assert select(models, "text_following") == "caad2"  # lower is better
+    assert select(models, "gap") == "caad2"  # |0.6 - 0.7| = 0.1 is the smallest
+    assert select({"a": metrics(0.5, 0.5, 0.5, 0), "b": metrics(0.5, 0.5, 0.5, 0)}, "mean_accuracy") == "a"
+    with pytest.raises(ValueError, match="metric must be one of"):
+        select(models, "accuracy")
