@@ -24,7 +24,7 @@ from caad_kernels.reference import contrasted_logits
 from .bias_eval import record_condition
 from .evaluate import first_word
 
-__all__ = ["answer_logits", "argmax_outcomes", "format_diagnostic", "logits_diagnostic"]
+__all__ = ["answer_logits", "argmax_outcomes", "cue_margins", "format_diagnostic", "logits_diagnostic"]
 
 
 def argmax_outcomes(logits: Tensor, truth_ids: Tensor, cue_ids: Tensor) -> dict[str, float]:
@@ -47,6 +47,29 @@ def argmax_outcomes(logits: Tensor, truth_ids: Tensor, cue_ids: Tensor) -> dict[
     truth = float((top == truth_ids).sum()) / n
     cue = float((top == cue_ids).sum()) / n
     return {"truth": round(truth, 4), "cue": round(cue, 4), "other": round(1.0 - truth - cue, 4)}
+
+
+def cue_margins(a: Tensor, t: Tensor, truth_ids: Tensor, cue_ids: Tensor) -> dict[str, float]:
+    """How strongly each view prefers the cue where the audio view follows it.
+
+    The cue-over-truth margins ``m_a = a[cue] − a[truth]`` and ``m_t`` on the rows whose ``argmax a`` is the cue.
+    ``z = (1+α)a − αt`` still prefers the cue there iff ``m_a > α/(1+α)·m_t``: when ``m_a`` is as large as ``m_t``,
+    the audio path holds no evidence for the truth that the contrast could expose.
+
+    Returns:
+        ``{"a_follows_cue": k, "median_margin_a": ..., "median_margin_t": ..., "cue_kept_alpha1": k1}``
+        (medians NaN when k == 0).
+    """
+    rows = torch.arange(a.shape[0])
+    follows = a.argmax(dim=-1) == cue_ids
+    m_a = (a[rows, cue_ids] - a[rows, truth_ids])[follows].double()
+    m_t = (t[rows, cue_ids] - t[rows, truth_ids])[follows].double()
+    k = int(follows.sum())
+    nan = float("nan")
+    return {"a_follows_cue": k,
+            "median_margin_a": round(float(m_a.median()), 4) if k else nan,
+            "median_margin_t": round(float(m_t.median()), 4) if k else nan,
+            "cue_kept_alpha1": int((m_a > m_t / 2).sum())}
 
 
 def _first_token(tokenizer: Any, text: str) -> int:
@@ -127,6 +150,7 @@ def logits_diagnostic(
     truth_ids, cue_ids = torch.tensor(truth), torch.tensor(cue)
     a = answer_logits(teacher, processor, adversarial, with_audio=True, batch_size=batch_size)
     t = answer_logits(teacher, processor, adversarial, with_audio=False, batch_size=batch_size)
+    result["margins"] = cue_margins(a, t, truth_ids, cue_ids)
     rows = result["rows"]
     rows["a (teacher, audio)"] = argmax_outcomes(a, truth_ids, cue_ids)
     rows["t (teacher, text only)"] = argmax_outcomes(t, truth_ids, cue_ids)
@@ -154,4 +178,9 @@ def format_diagnostic(diagnostic: Mapping[str, Any]) -> str:
     lines.append("-" * len(lines[-1]))
     for name, o in rows.items():
         lines.append(f"{name:{width}s}{100 * o['truth']:8.1f}%{100 * o['cue']:8.1f}%{100 * o['other']:8.1f}%")
+    m = diagnostic.get("margins")
+    if m and m["a_follows_cue"]:
+        lines.append(f"where a follows the cue ({m['a_follows_cue']} items): median cue-over-truth margin "
+                     f"{m['median_margin_a']:.2f} in a, {m['median_margin_t']:.2f} in t; z (alpha=1) keeps the cue "
+                     f"on {m['cue_kept_alpha1']}")
     return "\n".join(lines)

@@ -185,3 +185,22 @@ def test_grid_and_alpha_selection():
     assert select({"a": metrics(0.5, 0.5, 0.5, 0), "b": metrics(0.5, 0.5, 0.5, 0)}, "mean_accuracy") == "a"
     with pytest.raises(ValueError, match="metric must be one of"):
         select(models, "accuracy")
+
+
+def test_cue_margins_on_constructed_logits():
+    from caad.bias_diagnostic import cue_margins, format_diagnostic
+
+    # rows 0 and 1 follow the cue (token 3) in a; row 2 does not. truth = 1.
+    a = torch.tensor([[0.0, 1.0, 0.0, 2.0], [0.0, 0.0, 0.0, 3.0], [0.0, 2.0, 0.0, 1.0]])
+    t = torch.tensor([[0.0, 0.0, 0.0, 4.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 9.0]])
+    m = cue_margins(a, t, torch.tensor([1, 1, 1]), torch.tensor([3, 3, 3]))
+    # margins in a: 1 and 3 (median of two: torch takes the lower, 1); in t: 4 and 1 (lower: 1)
+    assert m["a_follows_cue"] == 2 and m["median_margin_a"] == 1.0 and m["median_margin_t"] == 1.0
+    # z = 2a - t: row 0: 2*1 - 4 < 0 (truth wins), row 1: 2*3 - 1 > 0 (the cue stays)
+    assert m["cue_kept_alpha1"] == 1
+    z = contrasted_logits(a.double(), t.double(), 1.0, 0.0)
+    assert int(z[0].argmax()) == 1 and int(z[1].argmax()) == 3
+    text = format_diagnostic({"n": 3, "rows": {"a": {"truth": 0.3333, "cue": 0.6667, "other": 0.0}}, "margins": m})
+    assert "where a follows the cue (2 items)" in text and "keeps the cue on 1" in text
+    none = cue_margins(a[2:], t[2:], torch.tensor([1]), torch.tensor([3]))
+    assert none["a_follows_cue"] == 0 and math.isnan(none["median_margin_a"])
