@@ -58,17 +58,16 @@ def cue_margins(a: Tensor, t: Tensor, truth_ids: Tensor, cue_ids: Tensor) -> dic
 
     Returns:
         ``{"a_follows_cue": k, "median_margin_a": ..., "median_margin_t": ..., "cue_kept_alpha1": k1}``
-        (medians NaN when k == 0).
+        (medians None when k == 0; a median of an even count is the lower middle value, as ``torch.median``).
     """
     rows = torch.arange(a.shape[0])
     follows = a.argmax(dim=-1) == cue_ids
     m_a = (a[rows, cue_ids] - a[rows, truth_ids])[follows].double()
     m_t = (t[rows, cue_ids] - t[rows, truth_ids])[follows].double()
     k = int(follows.sum())
-    nan = float("nan")
-    return {"a_follows_cue": k,
-            "median_margin_a": round(float(m_a.median()), 4) if k else nan,
-            "median_margin_t": round(float(m_t.median()), 4) if k else nan,
+    return {"a_follows_cue": k,  # None, not NaN, when empty: the result goes to strict JSON
+            "median_margin_a": round(float(m_a.median()), 4) if k else None,
+            "median_margin_t": round(float(m_t.median()), 4) if k else None,
             "cue_kept_alpha1": int((m_a > m_t / 2).sum())}
 
 
