@@ -24,8 +24,11 @@ SWEEP_DEFAULTS: dict[str, Any] = {
 }
 
 
-def _fail(command: str, message: str) -> SystemExit:
-    return SystemExit(f"caad {command}: error: {message}")
+def _fail(command: str, message: str) -> Exception:
+    """An expected error: ``caad``'s handler prints it as one line ``caad <command>: error: ...`` (status 2)."""
+    from .cli_errors import CLIError
+
+    return CLIError(message)
 
 
 def cmd_bias_eval(args: argparse.Namespace) -> int:

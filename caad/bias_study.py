@@ -140,12 +140,14 @@ def distil(
     learning_rate: float,
     batch_size: int,
     loss: Mapping[str, Any],
+    args_out: dict[str, Any] | None = None,
 ) -> float:
     """Distil ``student`` in place with :class:`caad.trainer.CAADTrainer` (constant learning rate, no
     checkpoints); returns the mean training loss. The run folder is removed when nothing was written into it.
 
     train_examples: dicts with ``audio`` (float32 ``[T]``), ``instruction`` and ``pseudo_gt``.
     loss: CAADConfig loss fields (``alpha``, ``plausibility_beta``, ``temperature``, ``kd_backend``, ...).
+    args_out: if given, receives the run's ``CAADConfig.to_dict()`` (what the run was trained with).
     """
     import torch
 
@@ -165,6 +167,8 @@ def distil(
                           train_dataset=list(train_examples))
     quiet_trainer(trainer)
     out = trainer.train()
+    if args_out is not None:
+        args_out.update(args.to_dict())
     if not existed and output_dir.is_dir() and not any(output_dir.iterdir()):
         shutil.rmtree(output_dir)  # save_strategy="no": the Trainer made an empty folder
     return float(out.training_loss)
@@ -184,12 +188,15 @@ def run_grid(
     batch_size: int,
     loss: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    train_args: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, list[Any]]:
     """Distil ``make_student(seed)`` for every grid point and seed.
 
     Every grid point gets the same initialisation and data order for a given seed, so differences between grid
     points are the recipe's. ``loss`` holds the fields shared by every point (e.g. ``temperature``,
     ``kd_backend``); each point sets ``alpha`` and ``plausibility_beta``.
+
+    ``train_args``, if given, receives ``{point.name: CAADConfig.to_dict()}`` of each point's first seed.
 
     Returns:
         ``{point.name: [student per seed]}`` in grid order.
@@ -203,7 +210,8 @@ def run_grid(
             train_loss = distil(student, teacher, processor, train_examples,
                                 output_dir=Path(output_dir) / f"alpha{point.alpha:g}-beta{point.plausibility_beta:g}"
                                 f"-seed{seed}", seed=seed, epochs=epochs, learning_rate=learning_rate,
-                                batch_size=batch_size, loss=point_loss)
+                                batch_size=batch_size, loss=point_loss,
+                                args_out=train_args.setdefault(point.name, {}) if train_args is not None else None)
             student.eval()
             students.setdefault(point.name, []).append(student)
             log(f"{point.name}, seed {seed}: {epochs:g} epochs, training loss {train_loss:.4f}, "

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from caad.models import family_of
 from caad.teacher import build_prompts
 from caad_kernels.reference import contrasted_logits
 
@@ -102,7 +103,7 @@ def build_generation_inputs(
     ``generate`` needs.
 
     Args:
-        processor: a ``Qwen2AudioProcessor``-like processor (``.tokenizer``, ``.feature_extractor``).
+        processor: a supported family's processor (``.tokenizer``, ``.feature_extractor``; :mod:`caad.models`).
         examples: dicts with ``audio`` (float32 1-D array at the processor's rate, or ``{"array", "sampling_rate"}``)
             and ``instruction`` (str).
         with_audio: put the audio placeholder in the prompt and return the audio features.
@@ -110,11 +111,12 @@ def build_generation_inputs(
         use_chat_template: see :func:`caad.teacher.build_prompts`.
 
     Returns:
-        ``input_ids [B, P] int64``, ``attention_mask [B, P] int64`` and, with audio, ``input_features [B, M, F]
-        float32`` and ``feature_attention_mask [B, F] int64``.
+        ``input_ids [B, P] int64``, ``attention_mask [B, P] int64`` and, with audio, the family's feature keys
+        (Qwen2-Audio: ``input_features [B, M, F]`` float32 and ``feature_attention_mask [B, F]`` int64).
     """
     if len(examples) == 0:
         raise ValueError("no examples to generate for")
+    family = family_of(processor)
     tokenizer = processor.tokenizer
     sampling_rate = int(processor.feature_extractor.sampling_rate)
     prompts = []
@@ -124,31 +126,36 @@ def build_generation_inputs(
             raise TypeError(f"example {i}: 'instruction' must be a str, got {type(instruction)}")
         # The target text is irrelevant here; "x" only keeps build_prompts' prefix check meaningful.
         prompt, _ = build_prompts(
-            tokenizer, instruction, "x", with_audio=with_audio, use_chat_template=use_chat_template
+            tokenizer, instruction, "x", with_audio=with_audio, use_chat_template=use_chat_template, family=family
         )
         prompts.append(prompt)
-    old_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        if with_audio:
-            audios = [_audio_of(i, ex, sampling_rate) for i, ex in enumerate(examples)]
-            if silence:
-                audios = [np.zeros_like(a) for a in audios]
-            enc = processor(
-                text=prompts,
-                audio=audios,
-                sampling_rate=sampling_rate,
-                add_special_tokens=False,
-                padding=True,
-                return_tensors="pt",
-            )
-            keys = ("input_ids", "attention_mask", "input_features", "feature_attention_mask")
-        else:
-            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-            keys = ("input_ids", "attention_mask")
-    finally:
-        tokenizer.padding_side = old_side
-    return {k: torch.as_tensor(enc[k]) for k in keys}
+    if not with_audio:
+        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return _left_padded(ids, _pad_id(tokenizer))
+    audios = [_audio_of(i, ex, sampling_rate) for i, ex in enumerate(examples)]
+    if silence:
+        audios = [np.zeros_like(a) for a in audios]
+    # Unpadded text, padded here: a processor's `padding=True` also reaches its feature extractor, which would
+    # then pad the audio to the longest clip instead of the encoder's fixed window (Audio Flamingo 3's encoder
+    # needs the window).
+    enc = processor(text=prompts, audio=audios, sampling_rate=sampling_rate, add_special_tokens=False)
+    out = _left_padded(enc["input_ids"], _pad_id(tokenizer))
+    for key in family.feature_keys:
+        value = np.asarray(enc[key])
+        out[key] = torch.as_tensor(value, dtype=torch.float32 if value.dtype.kind == "f" else torch.long)
+    return out
+
+
+def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, max len]`` int64, each row's tokens at its right end."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if len(row):
+            input_ids[b, length - len(row):] = torch.as_tensor(list(row), dtype=torch.long)
+            attention_mask[b, length - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -178,7 +185,7 @@ class AudioContrastiveLogitsProcessor:
     Args:
         model: the teacher (e.g. ``Qwen2AudioForConditionalGeneration``), in eval mode.
         text_only_inputs: the text-only prompts, left-padded like the audio prompts: ``input_ids [B, P_t]``,
-            ``attention_mask [B, P_t]`` and, for the "silence" view, ``input_features``/``feature_attention_mask``.
+            ``attention_mask [B, P_t]`` and, for the "silence" view, the family's audio feature keys.
             Row ``b`` must be the text-only view of the audio sequence in row ``b`` of ``generate``.
         alpha: contrast strength ``α ≥ 0``; ``α = 0`` returns the audio scores unchanged (when ``β_p = 0``) and skips
             the text path entirely.

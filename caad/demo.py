@@ -252,9 +252,10 @@ def _run_demo(settings: DemoSettings) -> dict[str, Any]:
         return tiny_qwen2_audio(tokenizer, hidden=settings.student_hidden, layers=settings.student_layers,
                                 seed=settings.seed + 200 + seed)
 
+    train_args: dict[str, dict[str, Any]] = {}
     students = run_grid(make_student, teacher, processor, train_examples, grid, seeds, output_dir=out / "runs",
                         epochs=settings.student_epochs, learning_rate=settings.student_learning_rate,
-                        batch_size=settings.batch_size, loss=loss, log=_log)
+                        batch_size=settings.batch_size, loss=loss, log=_log, train_args=train_args)
     _remove_if_empty(out / "runs")
     caad_name = next((p.name for p in grid if p.alpha > 0), grid[0].name)
     student_dir = out / "student"
@@ -286,7 +287,8 @@ def _run_demo(settings: DemoSettings) -> dict[str, Any]:
     write_json(metrics, out / "metrics.json")
     png = _plot(results, out / "bias.png")
     (out / "config.json").write_text(json.dumps({"demo": asdict(settings), "teacher": str(teacher_dir),
-                                                 "student": str(student_dir)}, indent=2, default=str))
+                                                 "student": str(student_dir), "train_args": train_args[caad_name]},
+                                                indent=2, default=str))
 
     print(f"\nText-prior bias on {settings.n_eval} held-out clips: accuracy (%) of the greedy answer per cue "
           "condition, the share of adversarial items answered with the cue (text-follow) or with another wrong "

@@ -9,23 +9,34 @@ Two modes:
   The target is therefore written in the teacher's own words but grounded in facts about the audio.
 
 :func:`run_pseudo_gt` does either over a JSONL file, appending finished batches to the output so that an
-interrupted run resumes where it stopped.
+interrupted run resumes where it stopped. Neither mode looks at the audio, so it is not decoded. The output
+keeps each record's other fields, and a manifest beside it (``<out>.manifest.json``) records what produced it
+(the input's hash, the mode, the template, the teacher): a resume with anything else is refused
+(:class:`StageOutputMismatch`) or, with ``overwrite=True``, redone from scratch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import string
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomically
 from .data import Record, RecordError, load_records, save_jsonl
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEED_TEMPLATE = "[sound] {description}"
+MANIFEST_VERSION = 1
+
+
+class StageOutputMismatch(ValueError):
+    """The existing Stage-1 output was produced from another input, mode, template or teacher."""
 
 
 def describe_metadata(metadata: dict[str, Any]) -> str:
@@ -171,6 +182,80 @@ def _done_ids(out_path: str) -> set[str]:
     return done
 
 
+def _sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_fingerprint(model: Any, path: str | os.PathLike | None = None) -> str:
+    """A cheap identity of a teacher: its config, the first 64 values of every parameter, and (for a local
+    folder) its files' names and sizes.
+
+    The weights are sampled, not hashed whole (gigabytes for a real teacher): a different teacher, or the same
+    one trained further, changes the samples of practically every parameter.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    digest.update((config.to_json_string() if hasattr(config, "to_json_string") else repr(config)).encode())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            sample = p.detach().reshape(-1)[:64].to(device="cpu", dtype=torch.float32)
+            digest.update(name.encode() + sample.numpy().tobytes())
+    if path is not None and Path(path).is_dir():
+        for f in sorted(Path(path).iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".json"):
+                digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def manifest_path(out_path: str | os.PathLike) -> str:
+    """Where :func:`run_pseudo_gt` records what produced ``out_path``."""
+    return os.fspath(out_path) + ".manifest.json"
+
+
+def _producer(in_path: str, mode: str, template: str, seed_template: str, max_new_tokens: int, model: Any,
+              teacher_path: str | None) -> dict[str, Any]:
+    producer: dict[str, Any] = {"version": MANIFEST_VERSION, "input_sha256": _sha256_file(in_path), "mode": mode}
+    if mode == "template":
+        producer["template"] = template
+    else:
+        producer.update(seed_template=seed_template, max_new_tokens=max_new_tokens,
+                        teacher=teacher_fingerprint(model, teacher_path))
+    return producer
+
+
+def _check_resume(in_path: str, out_path: str, producer: dict[str, Any], overwrite: bool) -> None:
+    """Refuse (or with ``overwrite``, clear) an output that another input/mode/template/teacher produced."""
+    has_output = os.path.isfile(out_path) and os.path.getsize(out_path) > 0
+    mpath = manifest_path(out_path)
+    if has_output and not overwrite:
+        try:
+            with open(mpath, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except FileNotFoundError:
+            raise StageOutputMismatch(f"{out_path} exists but has no {os.path.basename(mpath)}: it was not written "
+                                      "by this caad pseudo-gt, so resuming it could keep stale targets") from None
+        except ValueError as exc:
+            raise StageOutputMismatch(f"{mpath} is corrupt ({exc})") from exc
+        recorded = {k: v for k, v in recorded.items() if k != "input"}
+        if recorded != producer:
+            differ = sorted(k for k in set(recorded) | set(producer) if recorded.get(k) != producer.get(k))
+            what = ", ".join(f"{k} {recorded.get(k)!r} -> {producer.get(k)!r}" if k != "input_sha256"
+                             else "the input file's content" for k in differ)
+            raise StageOutputMismatch(f"{out_path} was produced differently ({what})")
+        return
+    if has_output:
+        logger.warning("overwriting %s: it is redone from scratch", out_path)
+        os.remove(out_path)
+    # written before the first output line: an output never exists without the record of what produced it
+    write_text_atomically(mpath, json.dumps({**producer, "input": os.path.abspath(in_path)}, indent=2))
+
+
 def run_pseudo_gt(
     in_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -186,14 +271,22 @@ def run_pseudo_gt(
     target_sampling_rate: int | None = 16000,
     max_audio_seconds: float | None = None,
     progress: bool = True,
+    overwrite: bool = False,
+    teacher_path: str | os.PathLike | None = None,
 ) -> dict[str, int]:
     """Stage 1 over a JSONL file: write every record of ``in_path`` with a ``pseudo_gt`` field to ``out_path``.
 
     ``mode="template"`` renders ``template`` (:func:`render_template`); ``mode="teacher"`` needs ``model`` and
     ``processor`` (:func:`pseudo_gt_with_teacher`). Records are validated by :func:`~caad.data.load_records`
-    (``skip_bad`` etc. as there). Resumable: records whose id is already in ``out_path`` are not recomputed, and
-    each batch is appended and flushed as soon as it is done. A tqdm progress bar is shown when tqdm is installed
-    and ``progress`` is true.
+    (``skip_bad`` etc. as there; the audio is not decoded, so ``target_sampling_rate`` and ``max_audio_seconds``
+    are not used and kept only for compatibility). Every field of an input record is kept in its output line.
+
+    Resumable: records whose id is already in ``out_path`` are not recomputed, and each batch is appended and
+    flushed as soon as it is done. ``<out_path>.manifest.json`` records the input file's SHA-256, the mode, the
+    template (or seed template, ``max_new_tokens`` and :func:`teacher_fingerprint` of the teacher, read from
+    ``teacher_path`` when given): resuming an output that another input, mode, template or teacher produced
+    raises :class:`StageOutputMismatch`, unless ``overwrite=True``, which redoes it from scratch. A tqdm
+    progress bar is shown when tqdm is installed and ``progress`` is true.
 
     Returns counts: ``{"total", "done_before", "written", "skipped_bad"}``.
     """
@@ -206,11 +299,13 @@ def run_pseudo_gt(
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     if os.path.abspath(in_path) == os.path.abspath(out_path):
         raise ValueError(f"out_path must differ from in_path ({in_path}); the input is read while output is written")
-    records, n_bad = load_records(
-        in_path, skip_bad=skip_bad, target_sampling_rate=target_sampling_rate, max_audio_seconds=max_audio_seconds
-    )
+    del target_sampling_rate, max_audio_seconds  # neither mode decodes the audio
+    producer = _producer(in_path, mode, template, seed_template, max_new_tokens, model,
+                         None if teacher_path is None else os.fspath(teacher_path))
+    records, n_bad = load_records(in_path, skip_bad=skip_bad, decode_audio=False)
     if n_bad:
         logger.warning("skipped %d bad record(s) of %s", n_bad, in_path)
+    _check_resume(in_path, out_path, producer, overwrite)
     done = _done_ids(out_path)
     todo = [r for r in records if r.id not in done]
     if mode == "template":

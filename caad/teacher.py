@@ -36,16 +36,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .models import family_of, family_or_none
+
 __all__ = [
     "AUDIO_PLACEHOLDER",
     "DualViewCollator",
+    "PairedViewCollator",
     "build_prompts",
     "gather_targets",
     "teacher_forward_both_views",
     "teacher_hidden_both_views",
 ]
 
-#: The audio placeholder put in the user turn; the processor expands ``<|AUDIO|>`` into one token per audio frame.
+#: Qwen2-Audio's audio placeholder (each family has its own: ``caad.models.family_of(...).audio_placeholder``).
 AUDIO_PLACEHOLDER = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
 IGNORE_INDEX = -100
@@ -60,7 +63,8 @@ _SEQ_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
 
 
 def build_prompts(
-    tokenizer: Any, instruction: str, pseudo_gt: str, *, with_audio: bool, use_chat_template: bool | None = None
+    tokenizer: Any, instruction: str, pseudo_gt: str, *, with_audio: bool, use_chat_template: bool | None = None,
+    family: Any = None,
 ) -> tuple[str, str]:
     """Render ``(prompt_text, target_text)`` for one view of one example.
 
@@ -68,11 +72,12 @@ def build_prompts(
     ids are then identical in every view, whatever the prompt.
 
     - Chat format (``use_chat_template=True``, or ``None`` and the tokenizer has a ``chat_template``): one user turn
-      whose content is ``AUDIO_PLACEHOLDER + "\\n" + instruction`` (placeholder only when ``with_audio``), the prompt
+      whose content is ``placeholder + "\\n" + instruction`` (placeholder only when ``with_audio``) or, for families
+      whose chat template places the audio, ``[{"type": "audio"}, {"type": "text", "text": instruction}]``; the prompt
       is rendered with ``add_generation_prompt=True``, and the target is what the template appends for an assistant
       turn holding ``pseudo_gt`` (e.g. ``"pseudo_gt<|im_end|>"``), trailing newlines removed. If the template does not
       render the prompt as a prefix of the full conversation, the target falls back to ``pseudo_gt + eos_token``.
-    - Plain format: prompt ``[AUDIO_PLACEHOLDER] + instruction + "\\n"`` (prefixed with ``bos_token`` when the
+    - Plain format: prompt ``[placeholder] + instruction + "\\n"`` (prefixed with ``bos_token`` when the
       tokenizer has one), target ``pseudo_gt + eos_token`` (``eos_token`` only when the tokenizer has one).
 
     Args:
@@ -81,10 +86,12 @@ def build_prompts(
         pseudo_gt: the Stage-1 target.
         with_audio: put the audio placeholder in the prompt.
         use_chat_template: force (True) / forbid (False) the chat template; ``None`` = use it when present.
+        family: the model family (:mod:`caad.models`) whose audio placeholder is used; default Qwen2-Audio.
 
     Returns:
         ``(prompt, target)`` strings, to be tokenized with ``add_special_tokens=False``.
     """
+    family = family_of(family if family is not None else "qwen2_audio")
     eos = getattr(tokenizer, "eos_token", None) or ""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if use_chat_template is None:
@@ -92,7 +99,12 @@ def build_prompts(
     if use_chat_template:
         if not has_template:
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
-        content = f"{AUDIO_PLACEHOLDER}\n{instruction}" if with_audio else instruction
+        if not with_audio:
+            content: Any = instruction
+        elif family.chat_audio_item:
+            content = [{"type": "audio"}, {"type": "text", "text": instruction}]
+        else:
+            content = f"{family.audio_placeholder}\n{instruction}"
         user = [{"role": "user", "content": content}]
         prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(
@@ -103,7 +115,7 @@ def build_prompts(
             return prompt, full[len(prompt) :].rstrip("\n")
         return prompt, pseudo_gt + eos
     bos = getattr(tokenizer, "bos_token", None) or ""
-    prompt = f"{bos}{AUDIO_PLACEHOLDER if with_audio else ''}{instruction}\n"
+    prompt = f"{bos}{family.audio_placeholder if with_audio else ''}{instruction}\n"
     return prompt, pseudo_gt + eos
 
 
@@ -133,13 +145,16 @@ class DualViewCollator:
     ``batch["audio_view"]``.
 
     Args:
-        processor: a ``transformers.Qwen2AudioProcessor`` (or any processor taking ``text=``, ``audio=``,
-            ``sampling_rate=`` that expands ``<|AUDIO|>`` and returns ``input_features``/``feature_attention_mask``).
+        processor: the model family's processor (``Qwen2AudioProcessor``, ``AudioFlamingo3Processor``, ...: one
+            taking ``text=``, ``audio=``, ``sampling_rate=`` that expands the family's audio token and returns its
+            ``feature_keys``; see :mod:`caad.models`).
         text_only_view: ``"drop"`` (no audio at all) or ``"silence"`` (zeros of the audio's length).
         max_length: if set, the target is truncated from the right so that every row fits in ``max_length`` tokens
             (the same number of target tokens is kept in both views); a prompt that alone fills ``max_length`` is
             an error, because cutting the prompt would cut audio tokens.
         use_chat_template: see :func:`build_prompts`.
+        family: the model family; default: the processor's (an unsupported processor is refused, naming the
+            supported families).
     """
 
     def __init__(
@@ -149,6 +164,7 @@ class DualViewCollator:
         text_only_view: Literal["drop", "silence"] = "drop",
         max_length: int | None = None,
         use_chat_template: bool | None = None,
+        family: Any = None,
     ) -> None:
         if text_only_view not in ("drop", "silence"):
             raise ValueError(f"text_only_view must be 'drop' or 'silence', got {text_only_view!r}")
@@ -160,8 +176,8 @@ class DualViewCollator:
         self.max_length = max_length
         self.use_chat_template = use_chat_template
         self.sampling_rate = int(processor.feature_extractor.sampling_rate)
-        audio_token = getattr(processor, "audio_token", "<|AUDIO|>")
-        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(audio_token)
+        self.family = family_of(family if family is not None else processor)
+        self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.family.audio_token)
         pad = self.tokenizer.pad_token_id
         if pad is None:
             pad = self.tokenizer.eos_token_id
@@ -209,11 +225,10 @@ class DualViewCollator:
             enc = self.tokenizer(prompts, add_special_tokens=False)
             return {"input_ids": [list(x) for x in enc["input_ids"]]}
         enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate, add_special_tokens=False)
-        out = {
-            "input_ids": [list(x) for x in enc["input_ids"]],
-            "input_features": torch.as_tensor(np.asarray(enc["input_features"]), dtype=torch.float32),
-            "feature_attention_mask": torch.as_tensor(np.asarray(enc["feature_attention_mask"]), dtype=torch.long),
-        }
+        out: dict[str, Any] = {"input_ids": [list(x) for x in enc["input_ids"]]}
+        for key in self.family.feature_keys:
+            value = np.asarray(enc[key])
+            out[key] = torch.as_tensor(value, dtype=torch.float32 if value.dtype.kind == "f" else torch.long)
         for i, ids in enumerate(out["input_ids"]):
             if self.audio_token_id not in ids:
                 raise ValueError(f"example {i}: the processor did not insert any audio token in the prompt")
@@ -229,7 +244,8 @@ class DualViewCollator:
         a_prompts, t_prompts, targets = [], [], []
         for _, instruction, pseudo_gt in checked:
             ap, tgt = build_prompts(
-                self.tokenizer, instruction, pseudo_gt, with_audio=True, use_chat_template=self.use_chat_template
+                self.tokenizer, instruction, pseudo_gt, with_audio=True, use_chat_template=self.use_chat_template,
+                family=self.family,
             )
             # "silence" keeps the audio prompt (placeholder + zeros); "drop" removes the placeholder entirely.
             tp, tgt_t = build_prompts(
@@ -238,6 +254,7 @@ class DualViewCollator:
                 pseudo_gt,
                 with_audio=self.text_only_view == "silence",
                 use_chat_template=self.use_chat_template,
+                family=self.family,
             )
             assert tgt == tgt_t  # the target text never depends on the prompt
             a_prompts.append(ap)
@@ -268,12 +285,10 @@ class DualViewCollator:
         rows_t = [(p, t) for p, t in zip(t_enc["input_ids"], tgt_ids, strict=True)]
         length = max(len(p) + len(t) for p, t in rows_a + rows_t)
         audio_view = self._pad_rows(rows_a, length)
-        audio_view["input_features"] = a_enc["input_features"]
-        audio_view["feature_attention_mask"] = a_enc["feature_attention_mask"]
+        audio_view.update({k: a_enc[k] for k in self.family.feature_keys})
         text_view = self._pad_rows(rows_t, length)
         if self.text_only_view == "silence":
-            text_view["input_features"] = t_enc["input_features"]
-            text_view["feature_attention_mask"] = t_enc["feature_attention_mask"]
+            text_view.update({k: t_enc[k] for k in self.family.feature_keys})
         return {
             "audio_view": audio_view,
             "text_view": text_view,
@@ -294,6 +309,40 @@ class DualViewCollator:
             attention_mask[b, : p + t] = 1
             labels[b, p : p + t] = torch.tensor(target, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PairedViewCollator:
+    """The student's views and, under ``"teacher"``, the teacher's own views of the same examples, for a teacher
+    whose processor renders inputs differently (another family, feature extractor or chat template) but shares the
+    student's tokenizer: the target tokens, and so the gathered rows, are then the same in both (checked).
+
+    Output: ``student(examples)`` plus ``"teacher": {"audio_view": ..., "text_view": ...}`` from ``teacher``.
+    """
+
+    def __init__(self, student: DualViewCollator, teacher: DualViewCollator) -> None:
+        self.student, self.teacher = student, teacher
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        batch = self.student(examples)
+        theirs = self.teacher(examples)
+        if not torch.equal(batch["target_ids"], theirs["target_ids"]):
+            raise ValueError(
+                f"the teacher's processor ({self.teacher.family.name}) renders other target tokens than the "
+                f"student's ({self.student.family.name}): {theirs['target_ids'].numel()} vs "
+                f"{batch['target_ids'].numel()} tokens; their chat templates must close an assistant turn alike")
+        batch["teacher"] = {"audio_view": theirs["audio_view"], "text_view": theirs["text_view"]}
+        return batch
+
+
+def needs_own_views(student_processor: Any, teacher_processor: Any) -> bool:
+    """Whether a teacher's processor would render other model inputs than the student's."""
+    if family_of(student_processor) is not family_of(teacher_processor):
+        return True
+    s_fe, t_fe = student_processor.feature_extractor, teacher_processor.feature_extractor
+    same_audio = type(s_fe) is type(t_fe) and s_fe.to_dict() == t_fe.to_dict()
+    same_chat = (getattr(student_processor.tokenizer, "chat_template", None)
+                 == getattr(teacher_processor.tokenizer, "chat_template", None))
+    return not (same_audio and same_chat)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -394,11 +443,15 @@ def _default_pad_id(model: Any) -> int:
 
 
 def _supports_head_on_targets(model: Any) -> bool:
-    # Only for models whose forward is known to be exactly `lm_head(model.model(...).last_hidden_state)`, so that
+    # Only for families whose forward is known to be exactly `head(base_model(...).last_hidden_state)`, so that
     # applying the head to the gathered hidden states is identical (no soft-capping or scaling in between).
-    from transformers import Qwen2AudioForConditionalGeneration
+    family = family_or_none(model)
+    return family is not None and family.head_on_targets
 
-    return isinstance(model, Qwen2AudioForConditionalGeneration)
+
+def _base_and_head(model: Any) -> tuple[Any, Any]:
+    """The model that maps inputs (audio included) to final hidden states, and the LM head."""
+    return model.base_model, model.get_output_embeddings()
 
 
 def _stacked_inputs(model: Any, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor, int]:
@@ -426,8 +479,19 @@ def _check_same_targets(a_ids: Tensor, t_ids: Tensor) -> None:
         )
 
 
+def _audio_view_inputs(model: Any, batch: Mapping[str, Any]) -> tuple[dict[str, Any], Tensor, int]:
+    """The audio view alone as a model input (for ``with_text=False``), its labels, and B."""
+    audio_view = batch["audio_view"]
+    inputs = {k: v for k, v in audio_view.items() if k != "labels" and isinstance(v, Tensor)}
+    device = getattr(model, "device", None)
+    if device is not None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+    return inputs, audio_view["labels"], audio_view["labels"].shape[0]
+
+
 @torch.no_grad()
-def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any], *,
+                              with_text: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
     """Like :func:`teacher_forward_both_views`, but returns the teacher's final hidden states at the target
     positions instead of logits, for the fused-linear loss (no ``[N, V]`` teacher logits at all).
 
@@ -436,10 +500,14 @@ def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
     """
     if not _supports_head_on_targets(model):
         raise ValueError(
-            f"{type(model).__name__} does not expose .model and .lm_head: the fused-linear path needs them")
-    inputs, labels, n = _stacked_inputs(model, batch)
-    hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
+            f"{type(model).__name__}: the fused-linear path needs a family whose logits are head(base_model(...)) "
+            "(caad.models: head_on_targets); use the logits path")
+    inputs, labels, n = _stacked_inputs(model, batch) if with_text else _audio_view_inputs(model, batch)
+    base, _ = _base_and_head(model)
+    hidden = base(**inputs, use_cache=False).last_hidden_state  # [2B, L, H] ([B, L, H] audio only)
     a_rows, a_ids = gather_targets(hidden[:n], labels[:n])
+    if not with_text:
+        return a_rows, None, a_ids
     t_rows, t_ids = gather_targets(hidden[n:], labels[n:])
     _check_same_targets(a_ids, t_ids)
     return a_rows, t_rows, a_ids
@@ -447,8 +515,8 @@ def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any]) -> tuple[Ten
 
 @torch.no_grad()
 def teacher_forward_both_views(
-    model: Any, batch: Mapping[str, Any], *, head_on_targets_only: bool | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
+    model: Any, batch: Mapping[str, Any], *, head_on_targets_only: bool | None = None, with_text: bool = True
+) -> tuple[Tensor, Tensor | None, Tensor]:
     """Teacher-force both views of ``batch`` in ONE batched forward and gather the target rows.
 
     The audio-view rows ``[0, B)`` and text-view rows ``[B, 2B)`` are stacked (right-padded to a common length; the
@@ -461,25 +529,32 @@ def teacher_forward_both_views(
         batch: the output of :class:`DualViewCollator` (``audio_view`` and ``text_view`` with ``labels``).
         head_on_targets_only: compute hidden states for the whole batch but apply the LM head only to the gathered
             target rows, so the ``[2B, L, V]`` logits never exist (saves memory for large V). ``None`` = use it for
-            models where it is exact (Qwen2-Audio); ``True`` requires ``model.model`` and ``model.lm_head``.
+            families where it is exact (:mod:`caad.models`, ``head_on_targets``); ``True`` requires
+            ``model.base_model`` and ``model.get_output_embeddings()``.
+        with_text: ``False`` runs the audio view only (B rows, not 2B) and returns None for the text logits: what
+            a loss with ``alpha=0`` needs.
 
     Returns:
         ``(teacher_audio_logits [N_tgt, V], teacher_text_logits [N_tgt, V], target_ids [N_tgt] int64)``, the logits in
         the model's dtype; rows in the same order as ``gather_targets(student_logits, batch["audio_view"]["labels"])``.
     """
-    inputs, labels, n = _stacked_inputs(model, batch)
+    inputs, labels, n = _stacked_inputs(model, batch) if with_text else _audio_view_inputs(model, batch)
 
     if head_on_targets_only is None:
         head_on_targets_only = _supports_head_on_targets(model)
     if head_on_targets_only:
-        hidden = model.model(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
+        base, head = _base_and_head(model)
+        hidden = base(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]
         a_rows, a_ids = gather_targets(hidden[:n], labels[:n])
+        if not with_text:
+            return head(a_rows), None, a_ids
         t_rows, t_ids = gather_targets(hidden[n:], labels[n:])
-        head = model.lm_head
         a_logits, t_logits = head(a_rows), head(t_rows)
     else:
         logits = model(**inputs, use_cache=False).logits  # [2B, L, V]
         a_logits, a_ids = gather_targets(logits[:n], labels[:n])
+        if not with_text:
+            return a_logits, None, a_ids
         t_logits, t_ids = gather_targets(logits[n:], labels[n:])
     _check_same_targets(a_ids, t_ids)
     return a_logits, t_logits, a_ids

@@ -13,7 +13,7 @@ the processor therefore have to agree on ``chunk_length``: pass the same value t
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay lazy: importing caad must not import transformers
     from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor
@@ -135,7 +135,6 @@ def tiny_qwen2_audio(
     ``chunk_length``. ``hidden`` must be divisible by 4 (4 attention heads, 2 key/value heads). The weights depend
     only on ``seed``; the global torch RNG state is left untouched.
     """
-    import torch
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     if hidden <= 0 or hidden % 4:
@@ -172,9 +171,17 @@ def tiny_qwen2_audio(
         },
         audio_token_index=audio_id,
     )
+    return seeded_model(Qwen2AudioForConditionalGeneration, config, tokenizer, seed)
+
+
+def seeded_model(cls: type, config: Any, tokenizer: Any, seed: int) -> Any:
+    """``cls(config)`` with weights that depend only on ``seed`` (the global RNG state is left untouched), set up
+    for greedy generation with ``tokenizer``'s pad and eos tokens, in eval mode."""
+    import torch
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2AudioForConditionalGeneration(config)
+        model = cls(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.do_sample = False

@@ -10,19 +10,31 @@ standard-KD baseline; ``soft_weight=0, hard_weight=1`` is plain fine-tuning on t
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from caad_kernels import contrastive_kd_loss, fused_linear_contrastive_kd_loss
 from caad_kernels.fused_linear import lm_head_parameters
 from caad_kernels.options import KDOptions
 
-from .teacher import DualViewCollator, gather_targets, teacher_forward_both_views, teacher_hidden_both_views
+from .cached_teacher import CachedTargetsCollator, cached_kd_loss, open_for_training
+from .peft_student import is_lora_layer
+from .peft_student import unwrap as unwrap_peft
+from .teacher import (
+    DualViewCollator,
+    PairedViewCollator,
+    gather_targets,
+    needs_own_views,
+    teacher_forward_both_views,
+    teacher_hidden_both_views,
+)
+from .vocabulary import check_shared_vocabulary
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +65,14 @@ class CAADConfig(TrainingArguments):
     def __post_init__(self) -> None:
         # The collated batch is nested (two views): the model-signature column filter must not touch it.
         self.remove_unused_columns = False
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Under torchrun/accelerate launch without a GPU, accelerate sets up DDP (gloo) only when told to use
+            # the CPU; otherwise every rank silently trains alone on the whole data set.
+            self.use_cpu = True
+        if self.fused_linear and self.ddp_find_unused_parameters is None:
+            # The student's head weight enters the loss outside the model's forward (fused_linear), so DDP's
+            # unused-parameter search would count it unused, then see its gradient arrive: every parameter is used.
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
         self.kd_options()  # validate the loss options up front, with SPEC §3's messages
         if self.text_only_view not in ("drop", "silence"):
@@ -64,6 +84,15 @@ class CAADConfig(TrainingArguments):
         return KDOptions(alpha=self.alpha, plausibility_beta=self.plausibility_beta, temperature=self.temperature,
                          divergence=self.divergence, jsd_beta=self.jsd_beta, soft_weight=self.soft_weight,
                          hard_weight=self.hard_weight)
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+def _text_config(config: Any) -> Any:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
 
 
 class _CountingCollator:
@@ -85,25 +114,69 @@ class CAADTrainer(Trainer):
     Args:
         model: the student (any HF audio-text model whose forward takes ``input_ids`` and audio features).
         teacher_model: the teacher; frozen, put in eval mode, moved to ``args.teacher_device``/``teacher_dtype``.
+            It is run only for the terms the loss reads: not at all with ``soft_weight=0`` (it may then be None),
+            its text-only view not with ``alpha=0``.
         args: a :class:`CAADConfig`.
         processor: the student's processor; builds the default :class:`DualViewCollator`.
+        teacher_processor: the teacher's processor or tokenizer, if it has its own: refused unless it maps every
+            token to the same id as ``processor`` (:func:`caad.vocabulary.check_shared_vocabulary`).
+        teacher_cache: instead of ``teacher_model``, a folder written by ``caad teacher-cache`` (or an opened
+            :class:`caad.teacher_cache_store.TeacherCache`): no teacher is loaded, the loss is the sparse-target
+            forward KL (:mod:`caad.cached_teacher`); examples need their record ``id``.
         Other arguments as ``transformers.Trainer``.
     """
 
-    def __init__(self, model: nn.Module, teacher_model: nn.Module, args: CAADConfig, processor: Any = None,
-                 data_collator: Any = None, **kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, teacher_model: nn.Module | None = None, args: CAADConfig | None = None,
+                 processor: Any = None, data_collator: Any = None, teacher_processor: Any = None,
+                 teacher_cache: Any = None, **kwargs: Any) -> None:
         if not isinstance(args, CAADConfig):
             raise TypeError(f"args must be a CAADConfig, got {type(args).__name__}")
+        if teacher_model is not None and teacher_cache is not None:
+            raise ValueError("CAADTrainer takes teacher_model or teacher_cache (a caad teacher-cache folder), not both")
+        if teacher_model is None and teacher_cache is None and args.soft_weight != 0:
+            raise ValueError(f"soft_weight={args.soft_weight} > 0 needs a teacher: give teacher_model or teacher_cache "
+                             "(a caad teacher-cache folder)")
+        cache = None if teacher_cache is None else open_for_training(
+            teacher_cache, args.kd_options(), args.text_only_view, fused_linear=args.fused_linear,
+            grad_in_forward=args.kd_grad_in_forward)
+        if teacher_processor is not None:
+            if processor is None:
+                raise ValueError("teacher_processor needs processor (the student's) to compare vocabularies with")
+            check_shared_vocabulary(teacher_processor, processor)
         if data_collator is None:
             if processor is None:
                 raise ValueError("CAADTrainer needs a processor (or a data_collator) to build the dual views")
             data_collator = DualViewCollator(processor, text_only_view=args.text_only_view)
+            if teacher_processor is not None and needs_own_views(processor, teacher_processor):
+                # e.g. a teacher of another family: its own prompts and features, the same target tokens
+                data_collator = PairedViewCollator(
+                    data_collator, DualViewCollator(teacher_processor, text_only_view=args.text_only_view))
+        if cache is not None:
+            data_collator = CachedTargetsCollator(data_collator, cache)
         super().__init__(model=model, args=args, data_collator=_CountingCollator(data_collator), **kwargs)
         # Our loss is normalised by num_items_in_batch: let the Trainer count target tokens and not rescale.
         self.model_accepts_loss_kwargs = True
-        self.teacher = self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+        self.loss_is_scaled_for_ga = True
+        self.teacher_cache = cache
+        # The teacher is an attribute, not the Trainer's model: checkpoints hold the student only.
+        self.teacher = (self._prepare_teacher(teacher_model, args, default_device=self.args.device)
+                        if teacher_model is not None else None)
         self._kd = args.kd_options()
         self._metrics = self._empty_metrics()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        """Resume the student's weights with ``from_pretrained``'s key mapping.
+
+        ``save_pretrained`` writes some models (Qwen2-Audio in transformers 5) under their original checkpoint
+        key names; the Trainer's own loader then matches no key and, with only a logged warning, resumes from
+        the initial weights. Loading through ``from_pretrained`` maps the names back; the copy is strict.
+        """
+        model = self.model if model is None else model
+        if not isinstance(model, PreTrainedModel) or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = type(model).from_pretrained(resume_from_checkpoint)  # load_state_dict casts to the live dtype
+        model.load_state_dict(saved.state_dict(), strict=True)
+        del saved
 
     @staticmethod
     def _empty_metrics() -> dict[str, Any]:
@@ -131,10 +204,21 @@ class CAADTrainer(Trainer):
         start = time.perf_counter()
         audio_view = {k: v for k, v in inputs["audio_view"].items() if k != "labels"}
         labels = inputs["audio_view"]["labels"]
-        teacher_device = next(self.teacher.parameters()).device
-        teacher_batch = self._to({"audio_view": inputs["audio_view"], "text_view": inputs["text_view"]},
-                                 teacher_device)
         o = self._kd
+        if self.teacher_cache is not None:  # no teacher: the cached sparse targets came with the batch
+            loss, outputs, rows, target_ids = cached_kd_loss(
+                model, audio_view, labels, inputs["teacher_targets"], o, vocab_size=self.teacher_cache.vocab_size,
+                num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
+            self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start,
+                         lambda: contrastive_kd_loss(rows, rows, None, target_ids, alpha=0.0, soft_weight=0.0,
+                                                     hard_weight=1.0, reduction="sum", backend=self.args.kd_backend))
+            return self._finish(loss, outputs, num_items_in_batch, return_outputs)
+        teacher_batch = None
+        if o.uses_teacher:
+            teacher_device = next(self.teacher.parameters()).device
+            views = inputs.get("teacher", inputs)  # a teacher with its own processor has its own views
+            teacher_batch = self._to({"audio_view": views["audio_view"], "text_view": views["text_view"]},
+                                     teacher_device)
         options = dict(alpha=o.alpha, plausibility_beta=o.plausibility_beta, temperature=o.temperature,
                        divergence=o.divergence, jsd_beta=o.jsd_beta, soft_weight=o.soft_weight,
                        hard_weight=o.hard_weight, num_items_in_batch=num_items_in_batch, backend=self.args.kd_backend)
@@ -146,7 +230,11 @@ class CAADTrainer(Trainer):
         else:
             outputs = model(**audio_view)
             student_rows, target_ids = gather_targets(outputs.logits, labels)
-            teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch)
+            if o.uses_teacher:
+                teacher_audio, teacher_text, _ = teacher_forward_both_views(self.teacher, teacher_batch,
+                                                                            with_text=o.uses_text)
+            else:  # soft_weight=0: the soft term is not read; the student's rows stand in for the teacher's
+                teacher_audio, teacher_text = student_rows.detach(), None
             device = student_rows.device
             loss = contrastive_kd_loss(
                 student_rows, teacher_audio.to(device), teacher_text.to(device) if o.uses_text else None,
@@ -161,19 +249,44 @@ class CAADTrainer(Trainer):
                                            hard_weight=1.0, reduction="sum", backend=self.args.kd_backend)
 
         self._record(target_ids, loss, num_items_in_batch, time.perf_counter() - start, ce_sum)
+        return self._finish(loss, outputs, num_items_in_batch, return_outputs)
+
+    def _finish(self, loss: Tensor, outputs: Any, num_items_in_batch: Any, return_outputs: bool):
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts the target tokens of every rank, and DDP averages the ranks' gradients:
+            # scaled by the world size, the sum of the ranks' losses is the global-batch loss (as Trainer does).
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def _fused_linear_loss(self, model, audio_view, labels, teacher_batch, options):
         """The loss from final hidden states and LM heads: logits exist one chunk of tokens at a time."""
-        base = getattr(model, "model", None)
-        if base is None:
-            raise ValueError(f"fused_linear=True needs a model with .model and an output head; "
-                             f"{type(model).__name__} has no .model")
-        outputs = base(**audio_view, use_cache=False)
-        student_hidden, target_ids = gather_targets(outputs.last_hidden_state, labels)
-        teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch)
-        student_weight, student_bias = lm_head_parameters(model)
-        teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        # The model inside the DDP/FSDP and PEFT wrappers (a LoRA student's adapters live in its own modules).
+        core = unwrap_peft(self.accelerator.unwrap_model(model))
+        head = core.get_output_embeddings() if callable(getattr(core, "get_output_embeddings", None)) else None
+        if head is None:
+            raise ValueError(f"fused_linear=True needs the student's output head; {type(core).__name__} has none")
+        if is_lora_layer(head):
+            raise ValueError("fused_linear=True reads the student's LM head weight, but it carries LoRA adapters: "
+                             "leave the head out of the LoRA target modules (e.g. target 'all-linear')")
+        if getattr(_text_config(core.config), "final_logit_softcapping", None):
+            raise ValueError(f"fused_linear=True: {type(core).__name__} soft-caps its logits after the head, which "
+                             "the fused-linear loss cannot reproduce; use the logits path")
+        # Through the wrappers (DDP must see the forward to synchronise gradients), with the head made the
+        # identity for this call: the "logits" are the head's inputs, and no [B, L, V] logits are computed.
+        head.forward = _identity
+        try:
+            outputs = model(**audio_view, use_cache=False)
+        finally:
+            del head.forward
+        student_hidden, target_ids = gather_targets(outputs.logits, labels)
+        student_weight, student_bias = lm_head_parameters(core)
+        if self._kd.uses_teacher:
+            teacher_audio, teacher_text, _ = teacher_hidden_both_views(self.teacher, teacher_batch,
+                                                                       with_text=self._kd.uses_text)
+            teacher_weight, teacher_bias = lm_head_parameters(self.teacher)
+        else:  # soft_weight=0: the soft term is not read; the student stands in for the teacher
+            teacher_audio, teacher_text = student_hidden.detach(), None
+            teacher_weight, teacher_bias = student_weight.detach(), None
         device = student_hidden.device
         loss = fused_linear_contrastive_kd_loss(
             student_hidden, student_weight, teacher_audio.to(device),

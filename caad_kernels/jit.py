@@ -27,7 +27,7 @@ import torch
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
-CPU_SOURCES = ("ops.cpp", "cpu/contrastive_kd_cpu.cpp", "kernel/contrastive_kd.cpp")
+CPU_SOURCES = ("ops.cpp", "cpu/contrastive_kd_cpu.cpp", "kernel/contrastive_kd.cpp", "cpu/sparse_kd_cpu.cpp")
 CUDA_SOURCES = ("cuda/contrastive_kd_cuda.cpp", "cuda/contrastive_kd_kernels.cu")
 
 

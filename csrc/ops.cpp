@@ -23,4 +23,13 @@ TORCH_LIBRARY(caad, m) {
       "native_kd_forward_backward(Tensor grad_rows, Tensor s, Tensor a, Tensor? t, Tensor? labels, "
       "float alpha, float plausibility_beta, float temperature, int divergence, float jsd_beta, "
       "float soft_weight, float hard_weight, int ignore_index, Tensor(a!) grad_s) -> (Tensor, Tensor)");
+  // Sparse teacher targets (SPEC §9; csrc/cpu/sparse_kd_cpu.cpp): s [B, T, V]; ids [N, K] int64 (−1 pads);
+  // logprobs [N, K] and tail [N] in the accumulation dtype (float32, or float64); labels [N] int64.
+  m.def(
+      "native_sparse_kd_forward(Tensor s, Tensor ids, Tensor logprobs, Tensor? tail, Tensor? labels, "
+      "float temperature, float soft_weight, float hard_weight, int ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "native_sparse_kd_backward(Tensor grad_rows, Tensor s, Tensor ids, Tensor logprobs, Tensor? tail, "
+      "Tensor? labels, Tensor stats, float temperature, float soft_weight, float hard_weight, int ignore_index, "
+      "Tensor(a!) grad_s) -> ()");
 }

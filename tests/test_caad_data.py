@@ -225,3 +225,43 @@ def test_audio_bytes(tmp_path):
     recs, n_bad = load_records(src, skip_bad=True, target_sampling_rate=None)
     assert n_bad == 1 and recs[0].sampling_rate == 8000
     np.testing.assert_array_equal(recs[0].audio, np.full(320, 0.25, np.float32))
+
+
+def test_audio_length_is_capped_before_decoding_or_resampling(tmp_path, monkeypatch):
+    """Before: a record claiming sampling_rate 1 (20,000 s) was resampled to 16 kHz (1.3 GB) before any check,
+    and an over-long file was decoded whole before its length was known."""
+    import soundfile as sf
+
+    import caad.data
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded or resampled an over-long clip")
+
+    monkeypatch.setattr(caad.data, "_resample", never)
+    claim = {"id": "sr1", "audio": {"array": [0.0] * 20000, "sampling_rate": 1}, "instruction": "q"}
+    with pytest.raises(RecordError, match=r"record 'sr1': audio is 20000.00 s long, more than max_audio_seconds=30"):
+        load_records([claim], max_audio_seconds=30)
+    wav = tmp_path / "long.wav"
+    sf.write(wav, np.zeros(16000 * 3, np.float32), 16000)
+    monkeypatch.setattr(sf, "read", never)
+    with pytest.raises(RecordError, match=r"record 'f': audio file .*long.wav is 3.00 s long"):
+        load_records([{"id": "f", "audio": str(wav), "instruction": "q"}], max_audio_seconds=2)
+    records, skipped = load_records([claim, {"id": "f", "audio": str(wav), "instruction": "q"}], skip_bad=True,
+                                    max_audio_seconds=2)
+    assert (records, skipped) == ([], 2)
+
+
+def test_every_per_record_failure_is_a_bad_record(tmp_path):
+    """A wrong-typed sampling rate, a non-UTF-8 line: named bad records (skipped with skip_bad), not crashes."""
+    good = {"id": "ok", "audio": {"array": [0.1] * 16, "sampling_rate": 16000}, "instruction": "q"}
+    for bad_rate in ("16k", True, 0, 1.5, float("nan")):
+        rec = {**good, "id": "bad", "audio": {"array": [0.1] * 16, "sampling_rate": bad_rate}}
+        with pytest.raises(RecordError, match="record 'bad': sampling_rate must be a positive whole number"):
+            load_records([rec])
+        assert len(load_records([good, rec], skip_bad=True)[0]) == 1
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b'\n{"id": "caf\xe9"}\n')
+    with pytest.raises(RecordError, match=r"record '2' \(line 2 of .*\): not UTF-8"):
+        load_records(path)
+    records, skipped = load_records(path, skip_bad=True)  # the byte-order mark of line 1 is not content
+    assert [r.id for r in records] == ["ok"] and skipped == 1

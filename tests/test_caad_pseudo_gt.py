@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from caad.data import Record, RecordError, load_records
-from caad.pseudo_gt import describe_metadata, pseudo_gt_with_teacher, render_template, run_pseudo_gt
+from caad.pseudo_gt import (
+    DEFAULT_SEED_TEMPLATE,
+    StageOutputMismatch,
+    _producer,
+    describe_metadata,
+    pseudo_gt_with_teacher,
+    render_template,
+    run_pseudo_gt,
+)
 
 
 def _record(**kw):
@@ -168,7 +176,8 @@ def test_run_template_mode_and_resume(tmp_path):
     lines = _lines(out)
     assert [x["id"] for x in lines] == [f"b{i}" for i in range(7)]
     assert lines[1]["pseudo_gt"] == "SENTINEL" and lines[4]["pseudo_gt"] == "It is low."
-    assert run_pseudo_gt(src, out, progress=False)["written"] == 0  # finished: nothing left to do
+    # finished: nothing left to do
+    assert run_pseudo_gt(src, out, template="It is {pitch}.", progress=False)["written"] == 0
 
 
 def test_run_teacher_mode_resumes_without_recomputing(tmp_path, teacher, monkeypatch, capsys):
@@ -176,6 +185,9 @@ def test_run_teacher_mode_resumes_without_recomputing(tmp_path, teacher, monkeyp
     src, out = tmp_path / "in.jsonl", tmp_path / "pg.jsonl"
     _write(src, [_raw(i) for i in range(5)])
     _write(out, [{"id": "b1", "pseudo_gt": "done already"}, {"id": "b3", "pseudo_gt": "done too"}])
+    # what an interrupted run with the same settings left: its manifest (see test_resume_refuses_*)
+    producer = _producer(str(src), "teacher", "{label}", DEFAULT_SEED_TEMPLATE, 3, model, None)
+    (tmp_path / "pg.jsonl.manifest.json").write_text(json.dumps(producer))
     spy = _Spy(model, monkeypatch)
     stats = run_pseudo_gt(src, out, mode="teacher", model=model, processor=proc, max_new_tokens=3, batch_size=2)
     assert stats == {"total": 5, "done_before": 2, "written": 3, "skipped_bad": 0}
@@ -208,5 +220,90 @@ def test_run_skip_bad_and_errors(tmp_path):
     assert not out2.exists()
     # a corrupt line in the middle of an output file is not silently dropped
     out2.write_text('{"id": "b0", "pseudo_gt": "x"}\nGARBAGE\n{"id": "b2", "pseudo_gt": "y"}\n')
+    (tmp_path / "pg2.jsonl.manifest.json").write_text(json.dumps(_producer(str(src), "template", "{label}", "", 0,
+                                                                            None, None)))
     with pytest.raises(RecordError, match="line 2"):
         run_pseudo_gt(src, out2, skip_bad=True, progress=False)
+
+
+# ---------------------------------------------------------------- resume safety, fields kept, no audio decoding
+
+
+def test_resume_refuses_an_output_another_template_or_input_produced(tmp_path):
+    """Before: a rerun with another --template, or a second input file without ids, into the same --out kept the
+    old targets / skipped its records as "done"."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "pg.jsonl"
+    _write(src, [{k: v for k, v in _raw(i).items() if k != "id"} for i in range(3)])  # ids are line numbers
+    run_pseudo_gt(src, out, template="{label}", progress=False)
+    before = out.read_text()
+    with pytest.raises(StageOutputMismatch, match=r"template '\{label\}' -> 'It is \{pitch\}.'"):
+        run_pseudo_gt(src, out, template="It is {pitch}.", progress=False)
+    other = tmp_path / "other.jsonl"
+    _write(other, [{k: v for k, v in _raw(i, label="x").items() if k != "id"} for i in range(3)])
+    with pytest.raises(StageOutputMismatch, match="input file's content"):
+        run_pseudo_gt(other, out, template="{label}", progress=False)
+    assert out.read_text() == before  # refused before touching anything
+    # --overwrite redoes it from scratch, and the manifest then describes the new output
+    stats = run_pseudo_gt(other, out, template="It is {pitch}.", overwrite=True, progress=False)
+    assert stats["written"] == 3 and stats["done_before"] == 0
+    assert [x["pseudo_gt"] for x in _lines(out)] == ["It is low.", "It is high.", "It is low."]
+    manifest = json.loads((tmp_path / "pg.jsonl.manifest.json").read_text())
+    assert manifest["template"] == "It is {pitch}." and manifest["mode"] == "template"
+    assert run_pseudo_gt(other, out, template="It is {pitch}.", progress=False)["written"] == 0
+    # an output without a manifest (another tool, an older caad) is not trusted either
+    (tmp_path / "pg.jsonl.manifest.json").unlink()
+    with pytest.raises(StageOutputMismatch, match="no pg.jsonl.manifest.json"):
+        run_pseudo_gt(other, out, template="It is {pitch}.", progress=False)
+
+
+def test_resume_refuses_another_teacher(tmp_path, teacher):
+    model, proc = teacher
+    src, out = tmp_path / "in.jsonl", tmp_path / "pg.jsonl"
+    _write(src, [_raw(i) for i in range(2)])
+    run_pseudo_gt(src, out, mode="teacher", model=model, processor=proc, max_new_tokens=2, progress=False)
+    with pytest.raises(StageOutputMismatch, match="max_new_tokens 2 -> 3"):
+        run_pseudo_gt(src, out, mode="teacher", model=model, processor=proc, max_new_tokens=3, progress=False)
+    with pytest.raises(StageOutputMismatch, match="mode 'teacher' -> 'template'"):
+        run_pseudo_gt(src, out, progress=False)
+    from caad.tiny_models import build_tokenizer, tiny_qwen2_audio
+
+    other = tiny_qwen2_audio(build_tokenizer(), hidden=32, layers=1, seed=5)
+    with pytest.raises(StageOutputMismatch, match="teacher"):
+        run_pseudo_gt(src, out, mode="teacher", model=other, processor=proc, max_new_tokens=2, progress=False)
+
+
+def test_unknown_fields_are_kept_and_audio_is_written_back_as_given(tmp_path):
+    import soundfile as sf
+
+    sf.write(tmp_path / "clip.wav", np.zeros(1600, np.float32), 16000)
+    src, out = tmp_path / "in.jsonl", tmp_path / "sub" / "pg.jsonl"
+    _write(src, [_raw(0, file="x.wav", task="SpeechCounting", choices=["a", "b"]),
+                 _raw(1, audio="clip.wav"), _raw(2, audio={"path": "clip.wav", "source": "librispeech"})])
+    run_pseudo_gt(src, out, progress=False)
+    lines = _lines(out)
+    assert lines[0]["task"] == "SpeechCounting" and lines[0]["choices"] == ["a", "b"] and lines[0]["file"] == "x.wav"
+    assert lines[0]["audio"] == _raw(0)["audio"]
+    clip = str(tmp_path / "clip.wav")  # outside the output's folder: absolute (inside it: relative to it)
+    assert lines[1]["audio"] == clip
+    assert lines[2]["audio"] == {"path": clip, "source": "librispeech"}
+    recs, _ = load_records(out)
+    assert recs[1].audio.shape == (1600,) and recs[0].extra == {"file": "x.wav", "task": "SpeechCounting",
+                                                                "choices": ["a", "b"]}
+
+
+def test_stage1_never_decodes_audio(tmp_path, monkeypatch):
+    """Before: a record claiming sampling_rate 1 (20,000 s) made template mode resample it to 1.3 GB."""
+    import caad.data
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("Stage 1 decoded audio")
+
+    monkeypatch.setattr(caad.data, "_decode_audio", no_decoding)
+    src, out = tmp_path / "in.jsonl", tmp_path / "pg.jsonl"
+    _write(src, [_raw(0, audio={"array": [0.0] * 20000, "sampling_rate": 1}), _raw(1)])
+    assert run_pseudo_gt(src, out, progress=False)["written"] == 2
+    assert _lines(out)[0]["audio"]["sampling_rate"] == 1
+    # the audio field's form is still checked: a missing file is a bad record, named
+    _write(src, [_raw(0, audio="missing.wav")])
+    with pytest.raises(RecordError, match="record 'b0': audio file not found"):
+        run_pseudo_gt(src, tmp_path / "pg2.jsonl", progress=False)

@@ -187,3 +187,33 @@ def test_kd_ce_split_is_computed_only_for_logged_steps(setup, tmp_path):
     assert not trainer._parts_due()
     trainer.state.global_step = 1
     assert trainer._parts_due()
+
+
+@pytest.mark.parametrize("fused_linear", [False, True])
+def test_teacher_runs_only_the_views_the_loss_reads(setup, tmp_path, fused_linear):
+    """Before: both teacher views ran with alpha=0, and the teacher ran at all with soft_weight=0."""
+    tokenizer, processor, examples = setup
+
+    def train(teacher, **kw):
+        student = tiny_qwen2_audio(tokenizer, hidden=32, layers=1, seed=1)
+        CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, fused_linear=fused_linear, **kw),
+                    processor=processor, train_dataset=examples[:4]).train()
+        return student
+
+    seen = []
+    teacher = tiny_qwen2_audio(tokenizer, hidden=64, layers=2, seed=7)
+    # every teacher forward (logits or hidden states) goes through its language model: count its rows
+    teacher.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True)
+    train(teacher, alpha=0.0)
+    assert seen == [4]  # the audio view of 4 examples only (both views would be 8 rows)
+    # soft_weight=0 needs no teacher at all (plain fine-tuning on the Pseudo-GT)
+    fine_tuned = train(None, soft_weight=0.0, hard_weight=1.0)
+    if not fused_linear:  # ... and is the same training as with a teacher, which is never run
+        with_teacher = train(teacher, soft_weight=0.0, hard_weight=1.0)
+        assert seen == [4]
+        for p, q in zip(with_teacher.parameters(), fine_tuned.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="soft_weight=1.0 > 0 needs a teacher"):
+        CAADTrainer(model=fine_tuned, teacher_model=None, args=_args(tmp_path), processor=processor,
+                    train_dataset=examples[:4])

@@ -1,0 +1,99 @@
+"""Model families: what CAAD needs to know about an audio-language architecture, one module per family.
+
+The method layer (collator, synchronized teacher forcing, Stage 1, evaluation, contrastive decoding) is written
+once against :class:`AudioFamily`; a family says how a user turn with audio is rendered, which processor
+outputs carry the audio (dropped for the text-only view, or fed as silence), whether the LM head can be applied
+to the gathered target rows only (exact when the forward is ``lm_head(base_model(...).last_hidden_state)``), and
+how to build a tiny random instance for tests.
+
+Adding a family is one file here: define ``FAMILY = AudioFamily(...)`` and list the module in ``_MODULES``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+#: The family modules, imported on first lookup (each imports transformers lazily too).
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "audio_flamingo3")
+
+
+@dataclass(frozen=True)
+class AudioFamily:
+    """One audio-language architecture, as the method layer sees it.
+
+    Attributes:
+        name: a display name (``"Qwen2-Audio"``).
+        model_types: the ``config.model_type`` values of its checkpoints.
+        processor_classes: class names of its processors (how a collator built from a processor finds its family).
+        audio_placeholder: the text of one audio clip in a prompt, which the processor expands into audio tokens.
+        audio_token: the token the processor repeats and the model replaces by audio embeddings.
+        feature_keys: the processor outputs that carry the audio (all absent in the "drop" text-only view).
+        chat_audio_item: render a chat user turn as ``[{"type": "audio"}, {"type": "text", ...}]`` (the family's
+            chat template places the audio); ``False``: as one string, ``placeholder + "\\n" + instruction``.
+        head_on_targets: the model's logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``
+            (no scaling or soft-capping in between), so the head may be applied to the gathered target rows only.
+        build_tiny: ``build_tiny(hidden=, layers=, seed=) -> (model, processor)``: a random tiny instance with an
+            offline tokenizer carrying the family's special tokens (for tests and the demo).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    processor_classes: tuple[str, ...]
+    audio_placeholder: str
+    audio_token: str
+    feature_keys: tuple[str, ...]
+    chat_audio_item: bool = False
+    head_on_targets: bool = False
+    build_tiny: Callable[..., tuple[Any, Any]] | None = field(default=None, compare=False, repr=False)
+
+
+_registry: dict[str, AudioFamily] = {}
+
+
+def families() -> dict[str, AudioFamily]:
+    """Every supported family, by name."""
+    if not _registry:
+        for module in _MODULES:
+            family = importlib.import_module(f"{__name__}.{module}").FAMILY
+            _registry[family.name] = family
+    return dict(_registry)
+
+
+def _unsupported(what: str) -> ValueError:
+    supported = ", ".join(f"{f.name} ({'/'.join(f.model_types)})" for f in families().values())
+    return ValueError(
+        f"{what} is not a supported audio-language model family; supported: {supported}. A family needs its "
+        "audio placeholder and token, the processor outputs that carry audio, and whether its logits are "
+        "lm_head(base_model(...)): add one module to caad/models/ (see caad/models/__init__.py)")
+
+
+def family_of(obj: Any) -> AudioFamily:
+    """The family of a model, a config, a processor, a ``model_type`` string, or a family (returned as is)."""
+    if isinstance(obj, AudioFamily):
+        return obj
+    if isinstance(obj, str):
+        model_type = obj
+    else:
+        config = obj if hasattr(obj, "model_type") and not hasattr(obj, "config") else getattr(obj, "config", None)
+        model_type = getattr(config, "model_type", None)
+    if model_type is not None:
+        for family in families().values():
+            if model_type in family.model_types:
+                return family
+        raise _unsupported(f"model_type {model_type!r}")
+    cls = type(obj).__name__
+    for family in families().values():
+        if cls in family.processor_classes:
+            return family
+    raise _unsupported(f"a {cls}")
+
+
+def family_or_none(obj: Any) -> AudioFamily | None:
+    """Like :func:`family_of`, but ``None`` for an architecture no family describes."""
+    try:
+        return family_of(obj)
+    except ValueError:
+        return None
