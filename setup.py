@@ -78,8 +78,9 @@ setup(
         # matplotlib: the report test; setuptools/wheel: the ahead-of-time build test (--no-build-isolation)
         "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib", "setuptools>=68", "wheel"],
         # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets.
-        # peft: LoRA students (caad train --lora-r).
-        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets", "peft>=0.13"],
+        # peft: LoRA students (caad train --lora-r); matplotlib: the demo's and `caad bias-eval --plot`'s PNG.
+        "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets", "peft>=0.13",
+                  "matplotlib"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },

@@ -1,5 +1,5 @@
 """The ``caad`` command: ``caad pseudo-gt``, ``caad teacher-cache``, ``caad train``, ``caad eval``,
-``caad make-student``.
+``caad make-student``, ``caad bias-eval``, ``caad sweep`` (the last two in :mod:`caad.bias_cli`).
 
 Options come from flags and/or a YAML/JSON config file (``--config``); a flag given on the command line wins over
 the file, which wins over the defaults shown in ``--help`` (:mod:`caad.cli_options`). ``caad train`` with no
@@ -244,6 +244,7 @@ def _train_demo(o: Resolved) -> int:
             setattr(settings, attr, o[option])
     loss = {k: o[k] for k in LOSS_OPTIONS if k in o.given}
     settings.loss = {**settings.loss, **loss, "text_only_view": o["text_only_view"], "kd_backend": o["kd_backend"]}
+    settings.full_study = bool(o["full_study"])
     run_demo(settings)
     return 0
 
@@ -354,6 +355,8 @@ def _train_parser(sub: Any) -> None:
                help="run folder: checkpoint-N/ folders, the final student/ and config.json")
     add_option(p, "--template", default="{label}", help="Pseudo-GT template for records without a pseudo_gt")
     add_option(p, "--skip-bad", flag=True, default=False, help="skip bad records (counted) instead of failing")
+    add_option(p, "--full-study", flag=True, default=False, help="demo only (no --data): the full text-prior bias "
+               "study (alpha x plausibility grid, 3 seeds, alpha picked on a held-out split, a report)")
     g = p.add_argument_group("training")
     add_option(g, "--epochs", kind=positive_real, default=d["epochs"], metavar="N", help="passes over the data")
     add_option(g, "--max-steps", kind=positive_int, metavar="N", help="optimizer steps to run; overrides --epochs")
@@ -480,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     _eval_parser(sub)
     _make_student_parser(sub)
+    from .bias_cli import register as register_bias_commands  # bias-eval, sweep
+
+    register_bias_commands(sub)
     return parser
 
 

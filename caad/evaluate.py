@@ -48,6 +48,35 @@ def chance_accuracy(records: list[dict[str, Any]]) -> float:
     return round(total / max(len(records), 1), 4)
 
 
+def generate_answers(
+    model: Any,
+    processor: Any,
+    records: list[dict[str, Any]],
+    *,
+    contrastive: bool = False,
+    alpha: float = 1.0,
+    plausibility_beta: float = 0.1,
+    max_new_tokens: int = 4,
+    batch_size: int = 16,
+) -> list[str]:
+    """Greedy answers of ``model`` to ``records`` (one str per record), or its contrastive decoding.
+
+    records: dicts with ``audio`` (``{"array", "sampling_rate"}`` or an array) and ``instruction``.
+    """
+    from .decoding import contrastive_generate, greedy_generate
+
+    examples = [{"audio": _array(r["audio"]), "instruction": r["instruction"]} for r in records]
+    answers: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        if contrastive:
+            answers += contrastive_generate(model, processor, batch, alpha=alpha, plausibility_beta=plausibility_beta,
+                                            max_new_tokens=max_new_tokens)
+        else:
+            answers += greedy_generate(model, processor, batch, max_new_tokens=max_new_tokens)
+    return answers
+
+
 def evaluate_models(
     records: list[dict[str, Any]],
     processor: Any,
@@ -64,20 +93,13 @@ def evaluate_models(
     records: dicts with ``audio`` (``{"array", "sampling_rate"}`` or an array), ``instruction``, ``label``.
     Returns ``{"chance": p, "<name>": {"all": acc, "<kind>": acc, ...}, ...}``.
     """
-    from .decoding import contrastive_generate, greedy_generate
-
-    examples = [{"audio": _array(r["audio"]), "instruction": r["instruction"]} for r in records]
     results: dict[str, Any] = {"chance": chance_accuracy(records), "n": len(records)}
-    for name, model in models.items():
-        answers = []
-        for i in range(0, len(examples), batch_size):
-            answers += greedy_generate(model, processor, examples[i : i + batch_size], max_new_tokens=max_new_tokens)
-        results[name] = score(answers, records)
-    for name, model in (contrastive or {}).items():
-        answers = []
-        for i in range(0, len(examples), batch_size):
-            answers += contrastive_generate(model, processor, examples[i : i + batch_size], alpha=alpha,
-                                            plausibility_beta=plausibility_beta, max_new_tokens=max_new_tokens)
+    runs = [(name, model, False) for name, model in models.items()]
+    runs += [(name, model, True) for name, model in (contrastive or {}).items()]
+    for name, model, contrast in runs:
+        answers = generate_answers(model, processor, records, contrastive=contrast, alpha=alpha,
+                                   plausibility_beta=plausibility_beta, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size)
         results[name] = score(answers, records)
     return results
 

@@ -239,3 +239,21 @@ def test_bad_arguments(setup, kwargs, match):
         contrastive_generate(model, proc, pair, text_only_view="mute", max_new_tokens=2)
     with pytest.raises(ValueError, match="sequences"):
         AudioContrastiveLogitsProcessor(model, t_in)(torch.zeros(3, 5, dtype=torch.long), torch.zeros(3, 7))
+
+
+def test_answer_logits_are_the_first_greedy_step_whatever_the_batch(setup):
+    """caad.bias_diagnostic.answer_logits: left padding + positions give each row's own next-token logits."""
+    from caad.bias_diagnostic import answer_logits
+
+    _, processor, model, _ = setup
+    records = beep_records(5, seed=8, conditions={"faithful": 0.4, "adversarial": 0.4, "neutral": 0.2})
+    batched = answer_logits(model, processor, records, batch_size=5)
+    single = torch.cat([answer_logits(model, processor, [r], batch_size=1) for r in records])
+    assert batched.shape == (5, model.config.text_config.vocab_size)
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+    examples = [{"audio": r["audio"]["array"], "instruction": r["instruction"]} for r in records]
+    inputs = build_generation_inputs(processor, examples)
+    first = model.generate(**inputs, max_new_tokens=1, do_sample=False)[:, -1]
+    assert torch.equal(batched.argmax(-1), first)
+    text = answer_logits(model, processor, records, with_audio=False, batch_size=2)
+    assert not torch.allclose(text, batched)  # the text-only view really drops the audio

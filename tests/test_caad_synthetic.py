@@ -89,3 +89,46 @@ def test_errors_and_empty():
         beep_records(3, max_seconds=0.2)
     with pytest.raises(ValueError, match="sampling_rate"):
         beep_records(3, sampling_rate=0)
+
+
+def test_cue_conditions_mix_and_metadata():
+    from caad.synthetic import CONDITIONS, cue_sentence
+
+    mix = {"faithful": 0.6, "adversarial": 0.25, "neutral": 0.15}
+    recs = beep_records(40, seed=4, conditions=mix)
+    assert Counter(r["metadata"]["condition"] for r in recs) == {"faithful": 24, "adversarial": 10, "neutral": 6}
+    for r in recs:
+        md = r["metadata"]
+        attr, cond, cue = md["attribute"], md["condition"], md["cue"]
+        question, answers = QUESTIONS[attr]
+        assert cond in CONDITIONS and md["truth"] == r["label"]
+        if cond == "neutral":
+            assert cue is None and r["instruction"] == question
+        else:
+            assert cue in answers and r["instruction"] == f"{cue_sentence(attr, cue)} {question}"
+            assert cue in r["instruction"].split(".")[0].split()  # the cue sentence names the claimed answer
+            assert (cue == r["label"]) == (cond == "faithful")  # an adversarial cue is never the truth
+    # the clips, labels and order are those of the cue-free set with the same seed
+    plain = beep_records(40, seed=4)
+    for x, y in zip(recs, plain, strict=True):
+        assert x["id"] == y["id"] and x["label"] == y["label"]
+        np.testing.assert_array_equal(x["audio"]["array"], y["audio"]["array"])
+    assert "condition" not in plain[0]["metadata"]
+    again = beep_records(40, seed=4, conditions=mix)
+    assert [r["instruction"] for r in again] == [r["instruction"] for r in recs]
+
+
+def test_cue_conditions_counts_and_errors():
+    # largest remainder: 10 * (1/3, 1/3, 1/3) -> 4, 3, 3 (ties in report order); exact counts always sum to n
+    thirds = {"faithful": 1 / 3, "adversarial": 1 / 3, "neutral": 1 / 3}
+    assert Counter(r["metadata"]["condition"] for r in beep_records(10, conditions=thirds)) == {
+        "faithful": 4, "adversarial": 3, "neutral": 3}
+    adversarial = beep_records(24, seed=2, conditions={"adversarial": 1.0})
+    cues = Counter((r["label"], r["metadata"]["cue"]) for r in adversarial if r["metadata"]["attribute"] == "count")
+    assert all(label != cue for label, cue in cues) and len({c for _, c in cues}) > 1
+    with pytest.raises(ValueError, match="unknown condition"):
+        beep_records(3, conditions={"faithfull": 1.0})
+    with pytest.raises(ValueError, match="sum to 1"):
+        beep_records(3, conditions={"faithful": 0.5, "neutral": 0.2})
+    with pytest.raises(ValueError, match=">= 0"):
+        beep_records(3, conditions={"faithful": 1.5, "neutral": -0.5})
