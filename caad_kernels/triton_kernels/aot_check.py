@@ -53,46 +53,55 @@ def _usage(cubin: bytes, cuobjdump: Path) -> dict:
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
-def check(arch: int, block_v: int = 4096, num_warps: int = 8) -> list[dict]:
+def compile_all(variants, arch: int, num_warps: int = 8) -> list[dict]:
+    """Compile each ``(kernel, pointer types, constexprs, dtype, flags name)`` for ``sm_<arch>``; one resource
+    record (registers, stack, spills, shared memory) each."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .backward import contrastive_kd_bwd_kernel
-    from .forward import contrastive_kd_fwd_kernel
-
-    if not hasattr(contrastive_kd_fwd_kernel, "cache_key"):
-        raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): unset it to compile them")
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     results = []
-    for dtype in DTYPES:
-        fwd_ptrs = dict(s_ptr=f"*{dtype}", a_ptr=f"*{dtype}", t_ptr="*fp32", labels_ptr="*i64",
-                        loss_ptr="*fp32", stats_ptr="*fp32")
-        bwd_ptrs = dict(grad_rows_ptr="*fp32", s_ptr=f"*{dtype}", a_ptr=f"*{dtype}", t_ptr="*fp32",
-                        labels_ptr="*i32", stats_ptr="*fp32", g_ptr=f"*{dtype}")
-        for flags_name, flags in FLAG_SETS.items():
-            constexprs = dict(flags, BLOCK_V=block_v)
-            bwd_constexprs = dict(constexprs, SOFTWARE_BF16_RNE=False)
-            for kernel, pointers, consts in ((contrastive_kd_fwd_kernel, fwd_ptrs, constexprs),
-                                             (contrastive_kd_bwd_kernel, bwd_ptrs, bwd_constexprs)):
-                src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts)
-                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
-                usage = _usage(compiled.asm["cubin"], cuobjdump) if cuobjdump.exists() else {}
-                results.append(dict(kernel=kernel.__name__, arch=arch, dtype=dtype, flags=flags_name, **usage))
+    for kernel, pointers, consts, dtype, flags_name in variants:
+        if not hasattr(kernel, "cache_key"):
+            raise RuntimeError("kernels are interpreted (TRITON_INTERPRET=1): unset it to compile them")
+        src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=num_warps))
+        usage = _usage(compiled.asm["cubin"], cuobjdump) if cuobjdump.exists() else {}
+        results.append(dict(kernel=kernel.__name__, arch=arch, dtype=dtype, flags=flags_name, **usage))
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def check(arch: int, block_v: int = 4096, num_warps: int = 8) -> list[dict]:
+    from .backward import contrastive_kd_bwd_kernel
+    from .forward import contrastive_kd_fwd_kernel
+
+    def variants():
+        for dtype in DTYPES:
+            fwd_ptrs = dict(s_ptr=f"*{dtype}", a_ptr=f"*{dtype}", t_ptr="*fp32", labels_ptr="*i64",
+                            loss_ptr="*fp32", stats_ptr="*fp32")
+            bwd_ptrs = dict(grad_rows_ptr="*fp32", s_ptr=f"*{dtype}", a_ptr=f"*{dtype}", t_ptr="*fp32",
+                            labels_ptr="*i32", stats_ptr="*fp32", g_ptr=f"*{dtype}")
+            for flags_name, flags in FLAG_SETS.items():
+                constexprs = dict(flags, BLOCK_V=block_v)
+                yield contrastive_kd_fwd_kernel, fwd_ptrs, constexprs, dtype, flags_name
+                yield contrastive_kd_bwd_kernel, bwd_ptrs, dict(constexprs, SOFTWARE_BF16_RNE=False), dtype, flags_name
+
+    return compile_all(variants(), arch, num_warps)
+
+
+def main(check_fn=None, description: str | None = None) -> None:
+    """The command line of an AOT check: ``--arch``, ``--json``, and a table of each kernel's resources."""
+    parser = argparse.ArgumentParser(description=description or __doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 80 or 90")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
-    results = check(args.arch)
+    results = (check_fn or check)(args.arch)
     if args.json:
         print(json.dumps(results))
         return
     for r in results:
-        print(f"sm_{r['arch']} {r['kernel']:28s} {r['dtype']:5s} {r['flags']:16s} "
+        print(f"sm_{r['arch']} {r['kernel']:28s} {r['dtype']:5s} {r['flags']:18s} "
               f"regs={r.get('REG', '?'):>4} spill(local)={r.get('LOCAL', '?')} shared={r.get('SHARED', '?')}")
 
 
