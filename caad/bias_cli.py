@@ -174,7 +174,8 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="default 16")
     p.add_argument("--output", default=None, help="write the results JSON here")
     p.add_argument("--plot", default=None, help="write the grouped-bar PNG here (needs matplotlib)")
-    p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip bad records (counted) instead of failing")
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_bias_eval)
 
@@ -182,7 +183,7 @@ def register(sub: Any) -> None:
                        "bias evaluation on a held-out split")
     p.add_argument("--data", default=None, help="training JSONL (pseudo_gt, or label + --template)")
     p.add_argument("--heldout", default=None, help="held-out JSONL with cue conditions (not the final test set)")
-    p.add_argument("--teacher", default=None, metavar="DIR")
+    p.add_argument("--teacher", default=None, metavar="DIR", help="teacher checkpoint (save_pretrained folder)")
     p.add_argument("--student", default=None, metavar="DIR", help="student checkpoint every grid point starts from")
     p.add_argument("--alphas", type=float, nargs="+", default=None, help="default 0 0.5 1 2")
     p.add_argument("--plausibility-betas", type=float, nargs="+", default=None, help="default 0")
@@ -194,12 +195,15 @@ def register(sub: Any) -> None:
     p.add_argument("--learning-rate", type=float, default=None, help="default 1e-4 (constant)")
     p.add_argument("--temperature", type=float, default=None, help="default 1")
     p.add_argument("--hard-weight", type=float, default=None, help="default 0")
-    p.add_argument("--text-only-view", choices=["drop", "silence"], default=None)
-    p.add_argument("--kd-backend", choices=["auto", "torch", "triton", "cpu", "cuda"], default=None)
+    p.add_argument("--text-only-view", choices=["drop", "silence"], default=None,
+                   help="the teacher's text-only view: drop the audio, or silence (default drop)")
+    p.add_argument("--kd-backend", choices=["auto", "torch", "triton", "cpu", "cuda"], default=None,
+                   help="kernels of the loss (default auto)")
     p.add_argument("--template", default=None, help="Pseudo-GT template for records without one")
     p.add_argument("--bootstrap", type=int, default=None, help="default 2000")
     p.add_argument("--output-dir", default=None, help="default outputs/caad-sweep")
-    p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip bad records (counted) instead of failing")
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_sweep)
 

@@ -365,15 +365,18 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature, as in training (default 1)")
     p.add_argument("--k-max", type=int, default=None, help="largest support stored per token (default 32)")
     p.add_argument("--logprob-dtype", choices=["float16", "float32"], default=None, help="default float16")
-    p.add_argument("--text-only-view", choices=["drop", "silence"], default=None)
+    p.add_argument("--text-only-view", choices=["drop", "silence"], default=None,
+                   help="the teacher's text-only view, as in training: drop the audio, or silence (default drop)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per teacher forward (default 8)")
     p.add_argument("--records-per-shard", type=int, default=None, help="default 256")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="keep the first N teacher columns (a padded teacher head: the student's vocabulary size)")
-    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--teacher-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="run the teacher in this dtype (default: as saved)")
     p.add_argument("--device", default=None, help="teacher device (default cuda:LOCAL_RANK, else cpu)")
     p.add_argument("--template", default=None, help="Pseudo-GT template for records without one")
-    p.add_argument("--skip-bad", action="store_true", default=None)
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip bad records (counted) instead of failing")
     p.add_argument("--no-progress", action="store_true", default=None, help="no progress bar")
     p.add_argument("--config", help="YAML/JSON file with the same options")
     p.set_defaults(func=cmd_teacher_cache)
