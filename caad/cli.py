@@ -137,11 +137,11 @@ def _load_model(path: str, flag: str = "--model"):
 
 
 def _processor(path: str, flag: str = "--model"):
-    from transformers import AutoProcessor
+    from .models import load_processor
 
     _check_model_dir(path, flag)
     try:
-        return AutoProcessor.from_pretrained(path)
+        return load_processor(path)
     except Exception as exc:  # missing/corrupt tokenizer or preprocessor files
         raise CLIError(f"{flag} {path}: cannot load its processor ({type(exc).__name__}: {exc})") from exc
 

@@ -37,6 +37,10 @@ class AudioFamily:
             (no scaling or soft-capping in between), so the head may be applied to the gathered target rows only.
         build_tiny: ``build_tiny(hidden=, layers=, seed=) -> (model, processor)``: a random tiny instance with an
             offline tokenizer carrying the family's special tokens (for tests and the demo).
+        stand_in_processor: a class standing in for the family's real processor where that one cannot be built
+            offline (its image/video parts need packages the test machine lacks). Its ``save_pretrained(folder)``
+            writes :data:`STAND_IN_MARKER` naming the class, and ``from_pretrained(folder)`` loads it back, so a
+            folder it saved is never half-loaded by ``AutoProcessor`` (which would return a bare tokenizer).
     """
 
     name: str
@@ -48,6 +52,11 @@ class AudioFamily:
     chat_audio_item: bool = False
     head_on_targets: bool = False
     build_tiny: Callable[..., tuple[Any, Any]] | None = field(default=None, compare=False, repr=False)
+    stand_in_processor: type | None = field(default=None, compare=False, repr=False)
+
+
+#: The file a stand-in processor's ``save_pretrained`` writes: ``{"processor_class": <class name>}``.
+STAND_IN_MARKER = "caad_processor.json"
 
 
 _registry: dict[str, AudioFamily] = {}
@@ -97,3 +106,31 @@ def family_or_none(obj: Any) -> AudioFamily | None:
         return family_of(obj)
     except ValueError:
         return None
+
+
+def write_stand_in_marker(folder: Any, processor: Any) -> None:
+    """Record in ``folder`` that it holds a stand-in processor of class ``type(processor)``."""
+    import json
+    from pathlib import Path
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / STAND_IN_MARKER).write_text(json.dumps({"processor_class": type(processor).__name__}) + "\n",
+                                                encoding="utf-8")
+
+
+def load_processor(folder: Any) -> Any:
+    """The processor saved in ``folder``: a family's stand-in where the folder's marker names one, otherwise
+    ``transformers.AutoProcessor.from_pretrained(folder)``."""
+    import json
+    from pathlib import Path
+
+    marker = Path(folder) / STAND_IN_MARKER
+    if marker.is_file():
+        name = json.loads(marker.read_text(encoding="utf-8")).get("processor_class")
+        for family in families().values():
+            if family.stand_in_processor is not None and family.stand_in_processor.__name__ == name:
+                return family.stand_in_processor.from_pretrained(folder)
+        raise ValueError(f"{marker} names processor class {name!r}, which no family of caad/models/ stands in for")
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(folder)

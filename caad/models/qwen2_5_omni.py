@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import AudioFamily
+from . import AudioFamily, write_stand_in_marker
 
 AUDIO = "<|AUDIO|>"
 
@@ -56,6 +56,14 @@ class OmniAudioProcessor:
     def save_pretrained(self, folder: Any) -> None:
         self.feature_extractor.save_pretrained(folder)
         self.tokenizer.save_pretrained(folder)
+        write_stand_in_marker(folder, self)
+
+    @classmethod
+    def from_pretrained(cls, folder: Any) -> OmniAudioProcessor:
+        """Load what :meth:`save_pretrained` wrote (a Whisper feature extractor and the tokenizer)."""
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
 
 def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length: int = 2) -> tuple[Any, Any]:
@@ -120,4 +128,5 @@ FAMILY = AudioFamily(
     chat_audio_item=False,
     head_on_targets=True,  # logits = lm_head(model.model(...).last_hidden_state)
     build_tiny=build_tiny,
+    stand_in_processor=OmniAudioProcessor,
 )
