@@ -241,6 +241,9 @@ def _(grad, scale):
 
 def _setup_fwd_grad(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
+    # Without this autograd hands the backward a zero-filled N×V gradient for the non-differentiable
+    # output[1] — a second grad_s-sized buffer and a full write pass, which doubled peak memory.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 

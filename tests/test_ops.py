@@ -281,3 +281,18 @@ def test_gpu_forward_backward_make_no_host_sync(reduction, num_items):
         loss.backward(torch.ones_like(loss))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_grad_in_forward_backward_allocates_no_second_gradient():
+    """The backward hands out the gradient stored by the forward: it must not allocate another N×V buffer (a
+    zero-filled gradient for the op's non-differentiable second output once doubled peak memory)."""
+    n, v = 64, 4096
+    s = torch.randn(n, v, requires_grad=True)
+    a, t = torch.randn(n, v), torch.randn(n, v)
+    loss = contrastive_kd_loss(s, a, t, backend="cpu", grad_in_forward=True)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        loss.backward()
+    allocated = sum(max(e.self_cpu_memory_usage, 0) for e in prof.key_averages())
+    assert allocated < n * v * 4 // 4, allocated
+    expected = torch.autograd.grad(contrastive_kd_loss(s, a, t, backend="cpu"), s)[0]
+    torch.testing.assert_close(s.grad, expected)
