@@ -1,0 +1,248 @@
+"""Voxtral (``VoxtralForConditionalGeneration``, ``VoxtralProcessor``): Mistral's speech LM, a Whisper encoder on
+30 s windows, a projector and a Llama decoder (Voxtral Mini 3B, Voxtral Small 24B).
+
+How audio enters the model (transformers' ``modeling_voxtral``): every window of ``2 * max_source_positions`` mel
+frames (3000 for the real checkpoints) is one row of ``input_features [W, M, F]``; the encoder's stride-2 conv
+halves it to ``max_source_positions`` frames (1500) of ``d_model``; ``get_audio_features`` reshapes the encoder
+output to rows of ``audio_config.intermediate_size = 4 * d_model``, i.e. it concatenates 4 consecutive frames, and
+projects each to one embedding. One window therefore becomes ``F / 8`` audio embeddings (375 for 30 s), matched in
+order to the ``[AUDIO]`` tokens of the whole batch. The forward takes ``input_features`` only: there is no feature
+mask (a short clip is padded with silence to a whole window, and the model sees the padding), and the logits are
+exactly ``lm_head(model.model(...).last_hidden_state)``.
+
+What is a stand-in, and why: the real ``VoxtralProcessor`` cannot be built on this project's test machine.
+Its tokenizer is Mistral's Tekken tokenizer loaded through ``MistralCommonBackend``, which needs the
+``mistral_common`` package, not installed and not installable offline. The tests therefore build the tiny model
+with :class:`VoxtralAudioProcessor`, which reproduces the real processor's audio path and nothing else:
+
+- features as ``VoxtralProcessor._retrieve_input_features`` makes them: each clip is padded with zeros to a whole
+  number of windows (``pad_to_multiple_of`` the window's samples, never truncated), its log-mel spectrogram is
+  computed once over the padded clip by a ``WhisperFeatureExtractor``, then cut into windows, each window one row of
+  ``input_features``; a clip longer than a window takes several rows;
+- the token layout Mistral's instruct tokenizer gives a user turn with audio, ``<s>[INST][BEGIN_AUDIO]`` followed by
+  ``F / 8`` ``[AUDIO]`` tokens per window of the clip, then the text and ``[/INST]``; the assistant turn ends with
+  ``</s>``.
+
+What differs from the real processor:
+
+- the interface. ``VoxtralProcessor.__call__`` is text-only and refuses any text holding ``[AUDIO]``; audio goes
+  only through ``apply_chat_template`` (the conversation is tokenized by ``mistral_common``, which inserts the audio
+  tokens). caad's collators call ``processor(text=, audio=, sampling_rate=)`` on rendered prompts, which the
+  stand-in accepts: each ``[AUDIO]`` of a prompt (one per clip, after ``[BEGIN_AUDIO]``) is expanded into the clip's
+  audio tokens at the id level. A real Voxtral checkpoint therefore cannot be driven by caad's collator through
+  ``VoxtralProcessor``, and :meth:`VoxtralAudioProcessor.from_pretrained` loads only folders it saved itself
+  (a Hugging Face tokenizer), not a real checkpoint's ``tekken.json``;
+- the tokenizer: the offline byte-level BPE of :func:`caad.tiny_models.build_tokenizer` with Voxtral's special
+  tokens added (other ids than Tekken's, e.g. ``[AUDIO]`` is not id 24) and a Jinja chat template that renders the
+  same layout as ``mistral_common`` (no system prompt);
+- the window: a tiny ``chunk_length`` (2 s, 200 frames, 25 audio tokens) instead of 30 s, with the tiny encoder's
+  ``max_source_positions`` set to match; 128 mel bins as the real model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from . import AudioFamily, write_stand_in_marker
+
+AUDIO = "[AUDIO]"
+BEGIN_AUDIO = "[BEGIN_AUDIO]"
+INST, END_INST = "[INST]", "[/INST]"
+BOS, EOS = "<s>", "</s>"
+#: Voxtral's special tokens that the stand-in tokenizer adds to caad's offline tokenizer.
+SPECIAL_TOKENS = (BOS, EOS, INST, END_INST, BEGIN_AUDIO, AUDIO)
+
+#: Mel bins of Voxtral's feature extractor.
+NUM_MEL_BINS = 128
+#: Encoder frames the projector concatenates into one audio embedding (``intermediate_size // d_model``).
+PROJECTOR_GROUP = 4
+#: Mel frames per audio token: the encoder's conv2 stride (2) times :data:`PROJECTOR_GROUP`.
+MEL_FRAMES_PER_TOKEN = 2 * PROJECTOR_GROUP
+
+# Mistral's instruct layout: <s>[INST]user[/INST]assistant</s>..., an audio content item rendered as the
+# placeholder the processor expands. add_generation_prompt adds nothing: [/INST] already opens the answer.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}[INST]"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'audio' %}[BEGIN_AUDIO][AUDIO]{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "[/INST]"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] }}{{ eos_token }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+class VoxtralAudioProcessor:
+    """Voxtral's processor, audio and text only, with caad's ``__call__(text=, audio=, sampling_rate=)`` interface
+    (see the module docstring for what it reproduces and what differs).
+
+    ``__call__`` returns ``input_ids`` and ``attention_mask`` (lists, one per prompt, unpadded) and, with audio,
+    ``input_features [W, M, F]`` float32: ``W`` windows in all (one per started window of each clip, clips in order),
+    ``M`` mel bins, ``F`` the window's mel frames. Each prompt's ``[AUDIO]`` (one per clip) becomes
+    ``n_windows * F / 8`` ``[AUDIO]`` tokens.
+
+    Args:
+        feature_extractor: a ``WhisperFeatureExtractor``; its ``chunk_length`` is the window (``F`` must be a
+            multiple of 8 frames, and the model's ``audio_config.max_source_positions`` must be ``F / 2``).
+        tokenizer: a tokenizer holding ``[AUDIO]`` (and, for the chat layout, Voxtral's other special tokens).
+    """
+
+    audio_token = AUDIO
+
+    def __init__(self, feature_extractor: Any, tokenizer: Any) -> None:
+        frames = int(feature_extractor.nb_max_frames)
+        if frames % MEL_FRAMES_PER_TOKEN:
+            raise ValueError(f"the feature window has {frames} mel frames; Voxtral needs a multiple of "
+                             f"{MEL_FRAMES_PER_TOKEN} (conv stride 2, then {PROJECTOR_GROUP} frames per audio token)")
+        if AUDIO not in tokenizer.get_vocab():
+            raise ValueError(f"tokenizer has no {AUDIO} token")
+        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
+        self.audio_token_id = int(tokenizer.convert_tokens_to_ids(AUDIO))
+
+    @property
+    def window_frames(self) -> int:
+        """``F``: mel frames of one window (``2 * max_source_positions`` of the matching encoder)."""
+        return int(self.feature_extractor.nb_max_frames)
+
+    @property
+    def tokens_per_window(self) -> int:
+        """Audio tokens one window becomes (375 for the real 30 s window)."""
+        return self.window_frames // MEL_FRAMES_PER_TOKEN
+
+    def features(self, audio: Sequence[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """Log-mel windows of ``audio`` (1-D float waveforms at the extractor's rate).
+
+        Returns:
+            ``(input_features [W, M, F] float32, windows per clip)``, ``W = sum(windows)``.
+        """
+        fe, frames = self.feature_extractor, self.window_frames
+        rows, windows = [], []
+        for i, clip in enumerate(audio):
+            clip = np.asarray(clip, dtype=np.float32)
+            if clip.ndim != 1 or clip.size == 0:
+                raise ValueError(f"audio {i}: expected a non-empty 1-D waveform, got shape {clip.shape}")
+            mel = fe(clip, sampling_rate=fe.sampling_rate, padding="longest", pad_to_multiple_of=fe.n_samples,
+                     truncation=False, return_tensors="np")["input_features"][0]  # [M, n * F]
+            n = mel.shape[-1] // frames
+            if mel.shape[-1] != n * frames:
+                raise AssertionError(f"{mel.shape[-1]} mel frames is not a whole number of {frames}-frame windows")
+            rows.append(mel.reshape(mel.shape[0], n, frames).transpose(1, 0, 2))  # [n, M, F]
+            windows.append(n)
+        return np.concatenate(rows).astype(np.float32, copy=False), windows
+
+    def __call__(self, text: str | list[str], audio: Sequence[np.ndarray] | None = None,
+                 sampling_rate: int | None = None, add_special_tokens: bool = True) -> dict[str, Any]:
+        """Tokenize ``text`` (prompts already rendered, one ``[AUDIO]`` per clip) and extract ``audio``'s features.
+
+        Args:
+            text: one prompt or a list of ``B`` prompts.
+            audio: the clips, in the order of the ``[AUDIO]`` tokens over all prompts; ``None``: text only.
+            sampling_rate: the clips' rate; must be the feature extractor's.
+            add_special_tokens: passed to the tokenizer.
+
+        Returns:
+            ``{"input_ids": B lists, "attention_mask": B lists}`` plus ``"input_features" [W, M, F]`` with audio.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+        found = sum(list(ids).count(self.audio_token_id) for ids in encoded)
+        if audio is None:
+            if found:
+                raise ValueError(f"the text holds {found} {AUDIO} tokens but no audio was given")
+            return {"input_ids": [list(ids) for ids in encoded], "attention_mask": [[1] * len(ids) for ids in encoded]}
+        rate = int(self.feature_extractor.sampling_rate)
+        if sampling_rate is not None and int(sampling_rate) != rate:
+            raise ValueError(f"audio at {sampling_rate} Hz, but the feature extractor expects {rate} Hz")
+        if found != len(audio):
+            raise ValueError(f"{len(audio)} audio clips for {found} {AUDIO} tokens in the text")
+        features, windows = self.features(audio)
+        counts = iter(n * self.tokens_per_window for n in windows)
+        input_ids = []
+        for ids in encoded:
+            row: list[int] = []
+            for token in ids:
+                row.extend([token] * next(counts) if token == self.audio_token_id else [token])
+            input_ids.append(row)
+        return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids],
+                "input_features": features}
+
+    def save_pretrained(self, folder: Any) -> None:
+        """Write the feature extractor, the tokenizer and the stand-in marker to ``folder``."""
+        self.feature_extractor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        write_stand_in_marker(folder, self)
+
+    @classmethod
+    def from_pretrained(cls, folder: Any) -> VoxtralAudioProcessor:
+        """Load what :meth:`save_pretrained` wrote (a Whisper feature extractor and a Hugging Face tokenizer)."""
+        from transformers import AutoTokenizer, WhisperFeatureExtractor
+
+        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+
+
+def build_tokenizer() -> Any:
+    """caad's offline byte-level tokenizer with Voxtral's special tokens, ``<s>``/``</s>`` as bos/eos (pad stays
+    ``<|endoftext|>``) and :data:`CHAT_TEMPLATE`."""
+    from ..tiny_models import build_tokenizer as base_tokenizer
+
+    tokenizer = base_tokenizer()
+    tokenizer.add_special_tokens({"bos_token": BOS, "eos_token": EOS})
+    tokenizer.add_tokens([INST, END_INST, BEGIN_AUDIO, AUDIO], special_tokens=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length: int = 2) -> tuple[Any, Any]:
+    """A random tiny Voxtral and :class:`VoxtralAudioProcessor` over the offline tokenizer.
+
+    The decoder is a Llama of width ``hidden`` and depth ``layers`` (2 heads, 1 key/value head); the encoder a
+    Whisper encoder of the same width and depth (2 heads, FFN ``4 * hidden``, which is also the projector's input:
+    4 frames per audio token) on windows of ``chunk_length`` seconds (``100 * chunk_length`` mel frames, 128 bins,
+    ``12.5 * chunk_length`` audio tokens per window, so ``chunk_length`` must be even).
+    """
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration, WhisperFeatureExtractor
+
+    from ..tiny_models import HOP_LENGTH, SAMPLING_RATE, seeded_model
+
+    if hidden <= 0 or hidden % 4:
+        raise ValueError(f"hidden must be a positive multiple of 4 (2 heads of even width), got {hidden}")
+    if layers <= 0:
+        raise ValueError(f"layers must be positive, got {layers}")
+    tokenizer = build_tokenizer()
+    extractor = WhisperFeatureExtractor(feature_size=NUM_MEL_BINS, sampling_rate=SAMPLING_RATE, hop_length=HOP_LENGTH,
+                                        chunk_length=chunk_length)
+    processor = VoxtralAudioProcessor(extractor, tokenizer)  # checks the window is a multiple of 8 frames
+    ids = tokenizer.convert_tokens_to_ids
+    config = VoxtralConfig(
+        audio_config={"model_type": "voxtral_encoder", "num_mel_bins": NUM_MEL_BINS, "hidden_size": hidden,
+                      "intermediate_size": PROJECTOR_GROUP * hidden, "num_hidden_layers": layers,
+                      "num_attention_heads": 2, "max_source_positions": processor.window_frames // 2},
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": hidden,
+                     "intermediate_size": 2 * hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+                     "num_key_value_heads": 1, "head_dim": hidden // 2, "max_position_embeddings": 512,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e8}, "tie_word_embeddings": False,
+                     "pad_token_id": tokenizer.pad_token_id, "bos_token_id": ids(BOS), "eos_token_id": ids(EOS)},
+        audio_token_id=ids(AUDIO),
+    )
+    return seeded_model(VoxtralForConditionalGeneration, config, tokenizer, seed), processor
+
+
+FAMILY = AudioFamily(
+    name="Voxtral",
+    model_types=("voxtral",),
+    processor_classes=("VoxtralProcessor", "VoxtralAudioProcessor"),
+    audio_placeholder=BEGIN_AUDIO + AUDIO,
+    audio_token=AUDIO,
+    feature_keys=("input_features",),  # no feature mask: the model takes none
+    chat_audio_item=True,  # the chat template places the audio item: [INST][BEGIN_AUDIO][AUDIO...]text[/INST]
+    head_on_targets=True,  # logits = lm_head(model.model(...).last_hidden_state)
+    build_tiny=build_tiny,
+    stand_in_processor=VoxtralAudioProcessor,
+)
