@@ -57,6 +57,15 @@ IGNORE_INDEX = -100
 _SEQ_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
 
 
+def feature_tensor(value: Any) -> Tensor:
+    """A processor's audio output as a model input: float32 for features, bool kept bool (a boolean mask such as
+    Granite-Speech's ``input_features_mask`` selects rows; as int64 it would index them), other integers int64."""
+    array = np.asarray(value)
+    if array.dtype.kind == "f":
+        return torch.as_tensor(array, dtype=torch.float32)
+    return torch.as_tensor(array, dtype=torch.bool if array.dtype.kind == "b" else torch.long)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompt building
 # ----------------------------------------------------------------------------------------------------------------------
@@ -227,8 +236,7 @@ class DualViewCollator:
         enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate, add_special_tokens=False)
         out: dict[str, Any] = {"input_ids": [list(x) for x in enc["input_ids"]]}
         for key in self.family.feature_keys:
-            value = np.asarray(enc[key])
-            out[key] = torch.as_tensor(value, dtype=torch.float32 if value.dtype.kind == "f" else torch.long)
+            out[key] = feature_tensor(enc[key])
         for i, ids in enumerate(out["input_ids"]):
             if self.audio_token_id not in ids:
                 raise ValueError(f"example {i}: the processor did not insert any audio token in the prompt")

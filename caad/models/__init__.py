@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The family modules, imported on first lookup (each imports transformers lazily too).
-_MODULES = ("qwen2_audio", "qwen2_5_omni", "audio_flamingo3", "voxtral")
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "audio_flamingo3", "voxtral", "granite_speech")
 
 
 @dataclass(frozen=True)
