@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from caad.models import family_of
-from caad.teacher import build_prompts, feature_tensor
+from caad.teacher import build_prompts, feature_tensor, token_rows
 from caad_kernels.reference import contrasted_logits
 
 __all__ = [
@@ -139,7 +139,7 @@ def build_generation_inputs(
     # then pad the audio to the longest clip instead of the encoder's fixed window (Audio Flamingo 3's encoder
     # needs the window).
     enc = processor(text=prompts, audio=audios, sampling_rate=sampling_rate, add_special_tokens=False)
-    out = _left_padded(enc["input_ids"], _pad_id(tokenizer))
+    out = _left_padded(token_rows(enc), _pad_id(tokenizer))
     for key in family.feature_keys:
         out[key] = feature_tensor(enc[key])
     return out

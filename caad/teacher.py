@@ -66,6 +66,16 @@ def feature_tensor(value: Any) -> Tensor:
     return torch.as_tensor(array, dtype=torch.bool if array.dtype.kind == "b" else torch.long)
 
 
+def token_rows(encoded: Mapping[str, Any]) -> list[list[int]]:
+    """A processor's ``input_ids`` as unpadded rows: positions its ``attention_mask`` marks 0 are dropped, so a
+    processor that pads text by default (Audio Flamingo 3 pads on the left) adds no pad tokens to a prompt."""
+    mask = encoded.get("attention_mask")
+    if mask is None:
+        return [list(map(int, ids)) for ids in encoded["input_ids"]]
+    return [[int(i) for i, m in zip(ids, keep, strict=True) if m]
+            for ids, keep in zip(encoded["input_ids"], mask, strict=True)]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Prompt building
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,7 +244,7 @@ class DualViewCollator:
             enc = self.tokenizer(prompts, add_special_tokens=False)
             return {"input_ids": [list(x) for x in enc["input_ids"]]}
         enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate, add_special_tokens=False)
-        out: dict[str, Any] = {"input_ids": [list(x) for x in enc["input_ids"]]}
+        out: dict[str, Any] = {"input_ids": token_rows(enc)}
         for key in self.family.feature_keys:
             out[key] = feature_tensor(enc[key])
         for i, ids in enumerate(out["input_ids"]):

@@ -69,6 +69,19 @@ def test_both_views_collate_with_the_family_feature_keys(family, view):
     assert torch.equal(a_ids, t_ids) and torch.equal(a_ids, batch["target_ids"])
 
 
+def test_no_pad_token_counts_as_a_prompt_token(family):
+    """A processor that pads text by default (Audio Flamingo 3, on the left) must not leave pad tokens inside a
+    row's attended tokens, in training batches or generation prompts."""
+    from caad.decoding import build_generation_inputs
+
+    fam, _, _, processor, _, examples = family
+    pad = processor.tokenizer.pad_token_id
+    batch = DualViewCollator(processor)(examples[:3])
+    generation = build_generation_inputs(processor, examples[:3])
+    for enc in (batch["audio_view"], batch["text_view"], generation):
+        assert not (enc["input_ids"][enc["attention_mask"].bool()] == pad).any()
+
+
 @pytest.mark.parametrize("view", ["drop", "silence"])
 def test_one_batched_dual_view_forward_equals_two_forwards(family, view):
     fam, teacher, _, processor, _, examples = family
