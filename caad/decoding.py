@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from caad.models import family_of
-from caad.teacher import build_prompts
+from caad.teacher import build_prompts, feature_tensor
 from caad_kernels.reference import contrasted_logits
 
 __all__ = [
@@ -141,8 +141,7 @@ def build_generation_inputs(
     enc = processor(text=prompts, audio=audios, sampling_rate=sampling_rate, add_special_tokens=False)
     out = _left_padded(enc["input_ids"], _pad_id(tokenizer))
     for key in family.feature_keys:
-        value = np.asarray(enc[key])
-        out[key] = torch.as_tensor(value, dtype=torch.float32 if value.dtype.kind == "f" else torch.long)
+        out[key] = feature_tensor(enc[key])
     return out
 
 
