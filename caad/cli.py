@@ -112,6 +112,7 @@ def _check_model_dir(path: str, flag: str) -> None:
 def _load_model(path: str, flag: str = "--model"):
     import transformers
 
+    from .models import family_or_none
     from .peft_student import is_adapter_dir, load_adapter_model
 
     _check_model_dir(path, flag)
@@ -130,6 +131,9 @@ def _load_model(path: str, flag: str = "--model"):
     cls = getattr(transformers, str(arch), None)
     if cls is None:
         raise CLIError(f"{flag} {path} holds a {arch}, which transformers {transformers.__version__} does not know")
+    family = family_or_none(str(config.get("model_type", "")))
+    if family is not None and family.load_hook is not None:
+        family.load_hook()  # e.g. Gemma-3n: a tiny checkpoint's stand-in vision tower loads without timm
     try:
         return cls.from_pretrained(path)
     except Exception as exc:  # a truncated/corrupt weights file or config raises many types; all mean "unreadable"

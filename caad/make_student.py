@@ -7,6 +7,10 @@ representations and shares its tokenizer and processor. Width is the teacher's: 
 
 By default the kept layers are spread evenly over the depth, first and last included (Minitron found the last
 layers the least removable and DistilBERT kept every other layer); ``layer_ids`` chooses them explicitly.
+
+Per-layer state outside the layers follows them too: the text config's per-layer lists (:data:`PER_LAYER_CONFIG`),
+the blocks of weights that stack one block per layer (a family's ``per_layer_weights``: Gemma-3n's per-layer
+embedding table and projection), and Gemma-3n's KV sharing (:func:`_kept_kv_sharing`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
+
+from .models import family_or_none
+
+#: Text-config lists with one entry per decoder layer (Gemma-3n has all three), cut to the kept layers.
+PER_LAYER_CONFIG = ("layer_types", "activation_sparsity_pattern", "intermediate_size")
 
 
 def evenly_spaced_layers(num_layers: int, keep: int) -> list[int]:
@@ -73,6 +83,48 @@ def _construct(cls: type, config: Any) -> nn.Module:
         return cls(config)
 
 
+def _kept_blocks(weight: Tensor, axis: int, kept: list[int], depth: int) -> Tensor | None:
+    """The kept layers' blocks of a weight that stacks one equal block per decoder layer along ``axis``
+    (layer-major), or ``None`` if its size there is not a multiple of ``depth``."""
+    size = weight.shape[axis]
+    if size % depth:
+        return None
+    width = size // depth
+    index = torch.tensor([layer * width + j for layer in kept for j in range(width)], device=weight.device)
+    return weight.index_select(axis, index)
+
+
+def _kept_kv_sharing(text: Any, kept: list[int], depth: int, teacher_types: list[str]) -> dict[int, int]:
+    """Set the student's ``num_kv_shared_layers`` (Gemma-3n: the last N decoder layers have no key/value
+    projections and reuse those of the last earlier layer of their attention type) for the ``kept`` layers.
+
+    Kept sharing layers keep sharing when the student keeps a non-sharing layer of each attention type they read
+    (they then read the student's last such layer). Otherwise the student shares nothing and each kept sharing
+    layer computes its own keys and values with the projections of the teacher layer it read them from.
+
+    Returns:
+        ``{student layer: teacher layer}`` whose key/value weights that student layer takes (empty when the
+        sharing is kept or there is none).
+    """
+    shared = int(getattr(text, "num_kv_shared_layers", 0) or 0)
+    if shared <= 0:
+        return {}
+    first = depth - shared  # the teacher's first sharing layer
+    n = sum(i >= first for i in kept)
+    student_types = getattr(text, "layer_types", None) or []
+    producers = set(student_types[: len(kept) - n])
+    if n == 0 or set(student_types[len(kept) - n:]) <= producers:
+        text.num_kv_shared_layers = n
+        return {}
+    text.num_kv_shared_layers = 0
+    source: dict[int, int] = {}
+    for j, layer in enumerate(kept):
+        if layer >= first:
+            kind = teacher_types[layer]
+            source[j] = max(i for i in range(first) if teacher_types[i] == kind)
+    return source
+
+
 def _text_config(config: Any) -> Any:
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -90,7 +142,9 @@ def select_layers(teacher: nn.Module, *, layers: int | None = None,
 
     Returns:
         ``(student, kept_ids)``: a new model of the teacher's class and dtype, in eval mode, on the CPU, with
-        ``len(kept_ids)`` decoder layers; student layer ``i`` holds a copy of teacher layer ``kept_ids[i]``.
+        ``len(kept_ids)`` decoder layers; student layer ``i`` holds a copy of teacher layer ``kept_ids[i]`` (and its
+        blocks of the per-layer weights; a Gemma-3n KV-sharing layer whose attention type no kept non-sharing
+        layer has also takes the key/value projections of the teacher layer it read them from).
     """
     prefix, teacher_layers = _decoder_layers(teacher)
     depth = len(teacher_layers)
@@ -101,27 +155,39 @@ def select_layers(teacher: nn.Module, *, layers: int | None = None,
     if getattr(text, "num_hidden_layers", None) != depth:
         raise ValueError(f"{type(teacher).__name__}: config num_hidden_layers "
                          f"({getattr(text, 'num_hidden_layers', None)}) does not match the decoder's {depth} layers")
+    teacher_types = list(getattr(text, "layer_types", None) or [])
     text.num_hidden_layers = len(kept)
-    # Per-layer settings (full vs sliding attention, ...) follow their layers.
-    for key in ("layer_types",):
+    # Per-layer settings (full vs sliding attention, Gemma-3n's sparsity and widths, ...) follow their layers.
+    for key in PER_LAYER_CONFIG:
         values = getattr(text, key, None)
         if isinstance(values, list) and len(values) == depth:
             setattr(text, key, [values[i] for i in kept])
+    kv_source = _kept_kv_sharing(text, kept, depth, teacher_types)
 
     student = _construct(type(teacher), config).to(teacher.dtype)
     state = teacher.state_dict()
+    family = family_or_none(teacher)
+    blocks = dict(family.per_layer_weights) if family is not None else {}
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     mapped = {}
     for key, value in student.state_dict().items():
         match = pattern.match(key)
         source = f"{prefix}.{kept[int(match.group(1))]}.{match.group(2)}" if match else key
+        if match and source not in state and int(match.group(1)) in kv_source:
+            # a KV-sharing layer that computes its own keys and values in the student: its source layer's weights
+            source = f"{prefix}.{kv_source[int(match.group(1))]}.{match.group(2)}"
         if source not in state:
             raise ValueError(f"the student's {key} has no counterpart {source} in the teacher")
-        if state[source].shape != value.shape:
-            # e.g. a per-layer embedding whose width is a multiple of the depth: that family needs its own recipe
-            raise ValueError(f"{type(teacher).__name__}: the student's {key} has shape {tuple(value.shape)} but the "
-                             f"teacher's {source} has {tuple(state[source].shape)}; layer selection cannot copy it")
-        mapped[key] = state[source]
+        weight = state[source]
+        if weight.shape != value.shape:
+            axis = next((a for suffix, a in blocks.items() if key.endswith(suffix)), None)
+            weight = _kept_blocks(weight, axis, kept, depth) if axis is not None else None
+            if weight is None or weight.shape != value.shape:
+                raise ValueError(f"{type(teacher).__name__}: the student's {key} has shape {tuple(value.shape)} but "
+                                 f"the teacher's {source} has {tuple(state[source].shape)}; layer selection cannot "
+                                 "copy it (a weight with one block per layer is declared in its family's "
+                                 "per_layer_weights, caad/models/)")
+        mapped[key] = weight
     student.load_state_dict(mapped, strict=True)
     if getattr(teacher, "generation_config", None) is not None:
         student.generation_config = copy.deepcopy(teacher.generation_config)

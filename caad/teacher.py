@@ -43,7 +43,10 @@ __all__ = [
     "DualViewCollator",
     "PairedViewCollator",
     "build_prompts",
+    "feature_tensor",
+    "fused_linear_refusal",
     "gather_targets",
+    "head_on_targets_refusal",
     "teacher_forward_both_views",
     "teacher_hidden_both_views",
 ]
@@ -59,7 +62,8 @@ _SEQ_KEYS = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0}
 
 def feature_tensor(value: Any) -> Tensor:
     """A processor's audio output as a model input: float32 for features, bool kept bool (a boolean mask such as
-    Granite-Speech's ``input_features_mask`` selects rows; as int64 it would index them), other integers int64."""
+    Granite-Speech's ``input_features_mask`` selects rows, as int64 it would index them; Gemma-3n's is inverted
+    with ``~``), other integers int64."""
     array = np.asarray(value)
     if array.dtype.kind == "f":
         return torch.as_tensor(array, dtype=torch.float32)
@@ -357,7 +361,8 @@ def needs_own_views(student_processor: Any, teacher_processor: Any) -> bool:
     if family_of(student_processor) is not family_of(teacher_processor):
         return True
     s_fe, t_fe = student_processor.feature_extractor, teacher_processor.feature_extractor
-    same_audio = type(s_fe) is type(t_fe) and s_fe.to_dict() == t_fe.to_dict()
+    # JSON, not to_dict(): a dict holding arrays (Gemma-3n's per-bin normalisation) cannot be compared with ==.
+    same_audio = type(s_fe) is type(t_fe) and s_fe.to_json_string() == t_fe.to_json_string()
     same_chat = (getattr(student_processor.tokenizer, "chat_template", None)
                  == getattr(teacher_processor.tokenizer, "chat_template", None))
     return not (same_audio and same_chat)
@@ -467,6 +472,45 @@ def _supports_head_on_targets(model: Any) -> bool:
     return family is not None and family.head_on_targets
 
 
+def _head_refusal(model: Any) -> tuple[str, str] | None:
+    """``(who, why)`` for :func:`head_on_targets_refusal`: the family and class, and what the model does to its
+    logits after the head; ``None`` when nothing is known against applying the head to gathered rows."""
+    family = family_or_none(model)
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    cap = getattr(get_text() if callable(get_text) else config, "final_logit_softcapping", None)
+    if not cap and (family is None or family.head_on_targets):
+        return None
+    who = f"{family.name} ({type(model).__name__})" if family is not None else type(model).__name__
+    if cap:
+        return who, (f"soft-caps its logits after the LM head (logits = {cap:g} * tanh(lm_head(h) / {cap:g}), "
+                     f"final_logit_softcapping={cap:g}), so they are not lm_head(hidden states)")
+    return who, ("transforms its logits after the LM head (caad.models: head_on_targets=False), so they are not "
+                 "lm_head(hidden states)")
+
+
+def head_on_targets_refusal(model: Any) -> str | None:
+    """Why the LM head of ``model`` cannot be applied to gathered hidden states in place of its logits (what the
+    fused-linear loss and ``head_on_targets_only`` do), or ``None`` when nothing is known against it.
+
+    Refused: a model whose text config soft-caps the logits (``final_logit_softcapping``, e.g. Gemma-3n), and a
+    model of a family (:mod:`caad.models`) declared with ``head_on_targets=False``; the reason names the family
+    and the class. A model of no known family without soft-capping is not refused here.
+    """
+    parts = _head_refusal(model)
+    return None if parts is None else f"{parts[0]} {parts[1]}"
+
+
+def fused_linear_refusal(model: Any, role: str) -> str | None:
+    """The error message for ``fused_linear=True`` with ``model`` as ``role`` ("the student", "the teacher"), or
+    ``None`` if :func:`head_on_targets_refusal` has nothing against it."""
+    parts = _head_refusal(model)
+    if parts is None:
+        return None
+    return (f"fused_linear=True: {role}, {parts[0]}, {parts[1]}; the fused-linear loss applies the LM head to the "
+            "gathered hidden states and cannot reproduce that: use the logits path (fused_linear=False, the default)")
+
+
 def _base_and_head(model: Any) -> tuple[Any, Any]:
     """The model that maps inputs (audio included) to final hidden states, and the LM head."""
     return model.base_model, model.get_output_embeddings()
@@ -516,6 +560,9 @@ def teacher_hidden_both_views(model: Any, batch: Mapping[str, Any], *,
     Returns:
         ``(audio_hidden [N_tgt, H], text_hidden [N_tgt, H], target_ids [N_tgt])``; the head is ``model.lm_head``.
     """
+    refusal = fused_linear_refusal(model, "the teacher")
+    if refusal is not None:
+        raise ValueError(refusal)
     if not _supports_head_on_targets(model):
         raise ValueError(
             f"{type(model).__name__}: the fused-linear path needs a family whose logits are head(base_model(...)) "
@@ -548,7 +595,8 @@ def teacher_forward_both_views(
         head_on_targets_only: compute hidden states for the whole batch but apply the LM head only to the gathered
             target rows, so the ``[2B, L, V]`` logits never exist (saves memory for large V). ``None`` = use it for
             families where it is exact (:mod:`caad.models`, ``head_on_targets``); ``True`` requires
-            ``model.base_model`` and ``model.get_output_embeddings()``.
+            ``model.base_model`` and ``model.get_output_embeddings()``, and is refused for a model whose logits are
+            not the head's output (:func:`head_on_targets_refusal`: e.g. Gemma-3n's soft-capped logits).
         with_text: ``False`` runs the audio view only (B rows, not 2B) and returns None for the text logits: what
             a loss with ``alpha=0`` needs.
 
@@ -560,6 +608,8 @@ def teacher_forward_both_views(
 
     if head_on_targets_only is None:
         head_on_targets_only = _supports_head_on_targets(model)
+    elif head_on_targets_only and (reason := head_on_targets_refusal(model)) is not None:
+        raise ValueError(f"head_on_targets_only=True: {reason}; leave head_on_targets_only=None (the default)")
     if head_on_targets_only:
         base, head = _base_and_head(model)
         hidden = base(**inputs, use_cache=False).last_hidden_state  # [2B, L, H]

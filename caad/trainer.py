@@ -29,6 +29,7 @@ from .peft_student import unwrap as unwrap_peft
 from .teacher import (
     DualViewCollator,
     PairedViewCollator,
+    fused_linear_refusal,
     gather_targets,
     needs_own_views,
     teacher_forward_both_views,
@@ -88,11 +89,6 @@ class CAADConfig(TrainingArguments):
 
 def _identity(x: Tensor) -> Tensor:
     return x
-
-
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
 
 
 class _CountingCollator:
@@ -158,6 +154,10 @@ class CAADTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self.teacher_cache = cache
+        if args.fused_linear:  # refused up front rather than at the first step
+            for role, which in (("the student", model), ("the teacher", teacher_model)):
+                if which is not None and (refusal := fused_linear_refusal(unwrap_peft(which), role)) is not None:
+                    raise ValueError(refusal)
         # The teacher is an attribute, not the Trainer's model: checkpoints hold the student only.
         self.teacher = (self._prepare_teacher(teacher_model, args, default_device=self.args.device)
                         if teacher_model is not None else None)
@@ -268,9 +268,8 @@ class CAADTrainer(Trainer):
         if is_lora_layer(head):
             raise ValueError("fused_linear=True reads the student's LM head weight, but it carries LoRA adapters: "
                              "leave the head out of the LoRA target modules (e.g. target 'all-linear')")
-        if getattr(_text_config(core.config), "final_logit_softcapping", None):
-            raise ValueError(f"fused_linear=True: {type(core).__name__} soft-caps its logits after the head, which "
-                             "the fused-linear loss cannot reproduce; use the logits path")
+        if (refusal := fused_linear_refusal(core, "the student")) is not None:
+            raise ValueError(refusal)
         # Through the wrappers (DDP must see the forward to synchronise gradients), with the head made the
         # identity for this call: the "logits" are the head's inputs, and no [B, L, V] logits are computed.
         head.forward = _identity

@@ -1,7 +1,10 @@
 """Every supported model family (caad/models/) through the method layer, on tiny random instances: both views
 collate, one batched dual-view forward equals two separate forwards, the gathered rows are the shifted targets,
-CAADTrainer's loss falls, fused-linear equals the logits path, Stage 1 teacher mode, greedy and contrastive
-decoding, evaluation, and layer selection."""
+CAADTrainer's loss falls, fused-linear equals the logits path (or, for a family whose logits are not the head's
+output, is refused with the reason), Stage 1 teacher mode, greedy and contrastive decoding, evaluation, and layer
+selection."""
+
+import re
 
 import numpy as np
 import pytest
@@ -17,7 +20,12 @@ from caad.make_student import select_layers  # noqa: E402
 from caad.models import families, family_of  # noqa: E402
 from caad.pseudo_gt import pseudo_gt_with_teacher  # noqa: E402
 from caad.synthetic import beep_records  # noqa: E402
-from caad.teacher import DualViewCollator, gather_targets, teacher_forward_both_views  # noqa: E402
+from caad.teacher import (  # noqa: E402
+    DualViewCollator,
+    gather_targets,
+    teacher_forward_both_views,
+    teacher_hidden_both_views,
+)
 from caad.trainer import CAADConfig, CAADTrainer  # noqa: E402
 
 FAMILIES = sorted(families())
@@ -119,6 +127,9 @@ def test_caad_trainer_loss_falls(family, tmp_path):
 
 def test_fused_linear_equals_the_logits_path(family, tmp_path):
     fam, teacher, _, processor, _, examples = family
+    if not fam.head_on_targets:
+        _assert_fused_linear_is_refused(fam, teacher, processor, examples, tmp_path)
+        return
     losses = []
     for fused in (False, True):
         student = fam.build_tiny(hidden=16, layers=1, seed=1)[0]
@@ -130,6 +141,27 @@ def test_fused_linear_equals_the_logits_path(family, tmp_path):
         losses.append((loss.detach(), student.get_output_embeddings().weight.grad.clone()))
     torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-4, atol=1e-6)
+
+
+def _assert_fused_linear_is_refused(fam, teacher, processor, examples, tmp_path):
+    """A family whose logits are not lm_head(hidden states) (Gemma-3n soft-caps them): asking for the fused-linear
+    loss, or for the head on the gathered rows, fails with the family's name and the reason, before any step."""
+    capped = getattr(teacher.config.get_text_config(), "final_logit_softcapping", None)
+    reason = "soft-caps its logits after the LM head" if capped else "transforms its logits after the LM head"
+    student = fam.build_tiny(hidden=16, layers=1, seed=1)[0]
+    with pytest.raises(ValueError, match=rf"fused_linear=True: the student, {re.escape(fam.name)} .*{reason}.*"
+                                         r"use the logits path \(fused_linear=False"):
+        CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, fused_linear=True),
+                    processor=processor, train_dataset=examples[:3])
+    batch = DualViewCollator(processor)(examples[:3])
+    with pytest.raises(ValueError, match=rf"fused_linear=True: the teacher, {re.escape(fam.name)} .*{reason}"):
+        teacher_hidden_both_views(teacher, batch)
+    with pytest.raises(ValueError, match=rf"head_on_targets_only=True: {re.escape(fam.name)} .*{reason}"):
+        teacher_forward_both_views(teacher, batch, head_on_targets_only=True)
+    # The logits path works (the default).
+    trainer = CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path), processor=processor,
+                          train_dataset=examples[:3])
+    assert torch.isfinite(trainer.compute_loss(trainer.model, trainer.data_collator(examples[:3])))
 
 
 def test_stage1_teacher_mode_decoding_and_evaluation_run(family):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: The family modules, imported on first lookup (each imports transformers lazily too).
-_MODULES = ("qwen2_audio", "qwen2_5_omni", "audio_flamingo3", "voxtral", "granite_speech")
+_MODULES = ("qwen2_audio", "qwen2_5_omni", "audio_flamingo3", "voxtral", "granite_speech", "gemma3n")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,12 @@ class AudioFamily:
             offline (its image/video parts need packages the test machine lacks). Its ``save_pretrained(folder)``
             writes :data:`STAND_IN_MARKER` naming the class, and ``from_pretrained(folder)`` loads it back, so a
             folder it saved is never half-loaded by ``AutoProcessor`` (which would return a bare tokenizer).
+        load_hook: called (no arguments) before caad loads a checkpoint of this family with ``from_pretrained``,
+            e.g. to let a tiny test model's stand-in part load where a package the real part needs is missing
+            (Gemma-3n's vision tower); ``None``: nothing to prepare.
+        per_layer_weights: ``(name suffix, axis)`` of weights outside the decoder layers that stack one block per
+            decoder layer along ``axis``, layer-major (Gemma-3n's per-layer embeddings): layer selection keeps the
+            blocks of the kept layers (:func:`caad.make_student.select_layers`).
     """
 
     name: str
@@ -53,6 +59,8 @@ class AudioFamily:
     head_on_targets: bool = False
     build_tiny: Callable[..., tuple[Any, Any]] | None = field(default=None, compare=False, repr=False)
     stand_in_processor: type | None = field(default=None, compare=False, repr=False)
+    load_hook: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    per_layer_weights: tuple[tuple[str, int], ...] = ()
 
 
 #: The file a stand-in processor's ``save_pretrained`` writes: ``{"processor_class": <class name>}``.
