@@ -356,13 +356,20 @@ class PairedViewCollator:
         return batch
 
 
+def _settings_text(feature_extractor: Any) -> str:
+    """A feature extractor's settings as canonical JSON: a dict holding arrays (Gemma-3n's per-bin normalisation,
+    Whisper's mel filters) cannot be compared with ``==``; stand-ins (Granite's) only have ``to_dict``."""
+    import json
+
+    return json.dumps(feature_extractor.to_dict(), sort_keys=True, default=lambda x: np.asarray(x).tolist())
+
+
 def needs_own_views(student_processor: Any, teacher_processor: Any) -> bool:
     """Whether a teacher's processor would render other model inputs than the student's."""
     if family_of(student_processor) is not family_of(teacher_processor):
         return True
     s_fe, t_fe = student_processor.feature_extractor, teacher_processor.feature_extractor
-    # JSON, not to_dict(): a dict holding arrays (Gemma-3n's per-bin normalisation) cannot be compared with ==.
-    same_audio = type(s_fe) is type(t_fe) and s_fe.to_json_string() == t_fe.to_json_string()
+    same_audio = type(s_fe) is type(t_fe) and _settings_text(s_fe) == _settings_text(t_fe)
     same_chat = (getattr(student_processor.tokenizer, "chat_template", None)
                  == getattr(teacher_processor.tokenizer, "chat_template", None))
     return not (same_audio and same_chat)
