@@ -126,6 +126,35 @@ def write_stand_in_marker(folder: Any, processor: Any) -> None:
                                                 encoding="utf-8")
 
 
+class StandInProcessor:
+    """Base of the stand-in processors: a feature extractor and a tokenizer, saved side by side with
+    :data:`STAND_IN_MARKER`. A subclass implements ``__call__`` (the family's audio path) and names how its
+    feature extractor loads back (:meth:`load_feature_extractor`)."""
+
+    def __init__(self, feature_extractor: Any, tokenizer: Any) -> None:
+        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
+
+    @staticmethod
+    def load_feature_extractor(folder: Any) -> Any:
+        """The feature extractor :meth:`save_pretrained` wrote to ``folder`` (a Whisper one unless overridden)."""
+        from transformers import WhisperFeatureExtractor
+
+        return WhisperFeatureExtractor.from_pretrained(folder)
+
+    def save_pretrained(self, folder: Any) -> None:
+        """Write the feature extractor, the tokenizer and the stand-in marker to ``folder``."""
+        self.feature_extractor.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        write_stand_in_marker(folder, self)
+
+    @classmethod
+    def from_pretrained(cls, folder: Any) -> Any:
+        """Load what :meth:`save_pretrained` wrote."""
+        from transformers import AutoTokenizer
+
+        return cls(cls.load_feature_extractor(folder), AutoTokenizer.from_pretrained(folder))
+
+
 def load_processor(folder: Any) -> Any:
     """The processor saved in ``folder``: a family's stand-in where the folder's marker names one, otherwise
     ``transformers.AutoProcessor.from_pretrained(folder)``."""

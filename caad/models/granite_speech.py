@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from . import AudioFamily, write_stand_in_marker
+from . import AudioFamily, StandInProcessor
 
 AUDIO = "<|audio|>"
 START_OF_ROLE = "<|start_of_role|>"
@@ -172,16 +172,13 @@ class GraniteLogMel:
         return cls(**{k: v for k, v in config.items() if k in names})
 
 
-class GraniteAudioProcessor:
+class GraniteAudioProcessor(StandInProcessor):
     """Granite-Speech's processor, audio and text (see the module docstring): ``__call__(text=, audio=,
     sampling_rate=)`` returns ``input_ids`` and ``attention_mask`` (unpadded lists), and with audio
     ``input_features [B, T // 2, 160]``, ``input_features_mask [B, N]`` (bool) and ``audio_embed_sizes``, the
     ``k``-th ``<|audio|>`` of the batch (in reading order) repeated once per audio token of clip ``k``."""
 
     audio_token = AUDIO
-
-    def __init__(self, feature_extractor: GraniteLogMel, tokenizer: Any) -> None:
-        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
 
     def __call__(self, text: str | list[str], audio: Sequence[np.ndarray] | None = None,
                  sampling_rate: int | None = None, **kwargs: Any) -> dict[str, Any]:
@@ -207,17 +204,10 @@ class GraniteAudioProcessor:
         encoded = self.tokenizer(text, add_special_tokens=kwargs.get("add_special_tokens", True))
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **out}
 
-    def save_pretrained(self, folder: Any) -> None:
-        self.feature_extractor.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        write_stand_in_marker(folder, self)
-
-    @classmethod
-    def from_pretrained(cls, folder: Any) -> GraniteAudioProcessor:
-        """Load what :meth:`save_pretrained` wrote (the feature extractor's fields and the tokenizer)."""
-        from transformers import AutoTokenizer
-
-        return cls(GraniteLogMel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+    @staticmethod
+    def load_feature_extractor(folder: Any) -> GraniteLogMel:
+        """The torch-only extractor's fields as :meth:`save_pretrained` wrote them."""
+        return GraniteLogMel.from_pretrained(folder)
 
 
 def build_tokenizer() -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import AudioFamily, write_stand_in_marker
+from . import AudioFamily, StandInProcessor
 
 AUDIO = "<|AUDIO|>"
 
@@ -25,15 +25,12 @@ def _audio_tokens(frames: np.ndarray) -> np.ndarray:
     return (after_conv - 2) // 2 + 1
 
 
-class OmniAudioProcessor:
+class OmniAudioProcessor(StandInProcessor):
     """Qwen2.5-Omni's processor, audio and text only (see the module docstring): ``__call__(text=, audio=,
     sampling_rate=)`` returns ``input_ids``, ``attention_mask``, ``input_features [B, M, F]`` and
     ``feature_attention_mask [B, F]``, each prompt's ``<|AUDIO|>`` repeated once per audio token."""
 
     audio_token = AUDIO
-
-    def __init__(self, feature_extractor: Any, tokenizer: Any) -> None:
-        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
 
     def __call__(self, text: list[str], audio: list[np.ndarray] | None = None, sampling_rate: int | None = None,
                  **kwargs: Any) -> dict[str, Any]:
@@ -53,17 +50,6 @@ class OmniAudioProcessor:
         encoded = self.tokenizer(text, add_special_tokens=kwargs.get("add_special_tokens", True))
         return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], **out}
 
-    def save_pretrained(self, folder: Any) -> None:
-        self.feature_extractor.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        write_stand_in_marker(folder, self)
-
-    @classmethod
-    def from_pretrained(cls, folder: Any) -> OmniAudioProcessor:
-        """Load what :meth:`save_pretrained` wrote (a Whisper feature extractor and the tokenizer)."""
-        from transformers import AutoTokenizer, WhisperFeatureExtractor
-
-        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
 
 def build_tiny(*, hidden: int = 64, layers: int = 2, seed: int = 0, chunk_length: int = 2) -> tuple[Any, Any]:

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from . import AudioFamily, write_stand_in_marker
+from . import AudioFamily, StandInProcessor
 
 AUDIO = "[AUDIO]"
 BEGIN_AUDIO = "[BEGIN_AUDIO]"
@@ -79,7 +79,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class VoxtralAudioProcessor:
+class VoxtralAudioProcessor(StandInProcessor):
     """Voxtral's processor, audio and text only, with caad's ``__call__(text=, audio=, sampling_rate=)`` interface
     (see the module docstring for what it reproduces and what differs).
 
@@ -103,7 +103,7 @@ class VoxtralAudioProcessor:
                              f"{MEL_FRAMES_PER_TOKEN} (conv stride 2, then {PROJECTOR_GROUP} frames per audio token)")
         if AUDIO not in tokenizer.get_vocab():
             raise ValueError(f"tokenizer has no {AUDIO} token")
-        self.feature_extractor, self.tokenizer = feature_extractor, tokenizer
+        super().__init__(feature_extractor, tokenizer)
         self.audio_token_id = int(tokenizer.convert_tokens_to_ids(AUDIO))
 
     @property
@@ -173,18 +173,6 @@ class VoxtralAudioProcessor:
         return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids],
                 "input_features": features}
 
-    def save_pretrained(self, folder: Any) -> None:
-        """Write the feature extractor, the tokenizer and the stand-in marker to ``folder``."""
-        self.feature_extractor.save_pretrained(folder)
-        self.tokenizer.save_pretrained(folder)
-        write_stand_in_marker(folder, self)
-
-    @classmethod
-    def from_pretrained(cls, folder: Any) -> VoxtralAudioProcessor:
-        """Load what :meth:`save_pretrained` wrote (a Whisper feature extractor and a Hugging Face tokenizer)."""
-        from transformers import AutoTokenizer, WhisperFeatureExtractor
-
-        return cls(WhisperFeatureExtractor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
 
 def build_tokenizer() -> Any:
