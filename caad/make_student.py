@@ -86,12 +86,10 @@ def _construct(cls: type, config: Any) -> nn.Module:
 def _kept_blocks(weight: Tensor, axis: int, kept: list[int], depth: int) -> Tensor | None:
     """The kept layers' blocks of a weight that stacks one equal block per decoder layer along ``axis``
     (layer-major), or ``None`` if its size there is not a multiple of ``depth``."""
-    size = weight.shape[axis]
-    if size % depth:
+    if weight.shape[axis] % depth:
         return None
-    width = size // depth
-    index = torch.tensor([layer * width + j for layer in kept for j in range(width)], device=weight.device)
-    return weight.index_select(axis, index)
+    blocks = weight.unflatten(axis, (depth, -1))  # [..., depth, width, ...]
+    return blocks.index_select(axis, torch.tensor(kept, device=weight.device)).flatten(axis, axis + 1)
 
 
 def _kept_kv_sharing(text: Any, kept: list[int], depth: int, teacher_types: list[str]) -> dict[int, int]:

@@ -479,23 +479,6 @@ def _supports_head_on_targets(model: Any) -> bool:
     return family is not None and family.head_on_targets
 
 
-def _head_refusal(model: Any) -> tuple[str, str] | None:
-    """``(who, why)`` for :func:`head_on_targets_refusal`: the family and class, and what the model does to its
-    logits after the head; ``None`` when nothing is known against applying the head to gathered rows."""
-    family = family_or_none(model)
-    config = getattr(model, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    cap = getattr(get_text() if callable(get_text) else config, "final_logit_softcapping", None)
-    if not cap and (family is None or family.head_on_targets):
-        return None
-    who = f"{family.name} ({type(model).__name__})" if family is not None else type(model).__name__
-    if cap:
-        return who, (f"soft-caps its logits after the LM head (logits = {cap:g} * tanh(lm_head(h) / {cap:g}), "
-                     f"final_logit_softcapping={cap:g}), so they are not lm_head(hidden states)")
-    return who, ("transforms its logits after the LM head (caad.models: head_on_targets=False), so they are not "
-                 "lm_head(hidden states)")
-
-
 def head_on_targets_refusal(model: Any) -> str | None:
     """Why the LM head of ``model`` cannot be applied to gathered hidden states in place of its logits (what the
     fused-linear loss and ``head_on_targets_only`` do), or ``None`` when nothing is known against it.
@@ -504,18 +487,28 @@ def head_on_targets_refusal(model: Any) -> str | None:
     model of a family (:mod:`caad.models`) declared with ``head_on_targets=False``; the reason names the family
     and the class. A model of no known family without soft-capping is not refused here.
     """
-    parts = _head_refusal(model)
-    return None if parts is None else f"{parts[0]} {parts[1]}"
+    family = family_or_none(model)
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    cap = getattr(get_text() if callable(get_text) else config, "final_logit_softcapping", None)
+    if not cap and (family is None or family.head_on_targets):
+        return None
+    who = f"{family.name} ({type(model).__name__})" if family is not None else type(model).__name__
+    if cap:
+        return (f"{who} soft-caps its logits after the LM head (logits = {cap:g} * tanh(lm_head(h) / {cap:g}), "
+                f"final_logit_softcapping={cap:g}), so they are not lm_head(hidden states)")
+    return (f"{who} transforms its logits after the LM head (caad.models: head_on_targets=False), so they are not "
+            "lm_head(hidden states)")
 
 
 def fused_linear_refusal(model: Any, role: str) -> str | None:
     """The error message for ``fused_linear=True`` with ``model`` as ``role`` ("the student", "the teacher"), or
     ``None`` if :func:`head_on_targets_refusal` has nothing against it."""
-    parts = _head_refusal(model)
-    if parts is None:
+    reason = head_on_targets_refusal(model)
+    if reason is None:
         return None
-    return (f"fused_linear=True: {role}, {parts[0]}, {parts[1]}; the fused-linear loss applies the LM head to the "
-            "gathered hidden states and cannot reproduce that: use the logits path (fused_linear=False, the default)")
+    return (f"fused_linear=True: {role}, {reason}; the fused-linear loss applies the LM head to the gathered hidden "
+            "states and cannot reproduce that: use the logits path (fused_linear=False, the default)")
 
 
 def _base_and_head(model: Any) -> tuple[Any, Any]:
