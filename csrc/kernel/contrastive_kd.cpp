@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "fast_math.h"
 
@@ -242,6 +243,126 @@ void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int
   infinite += inf_count;
 }
 
+// An input entry as Acc: In is Acc itself (fp32 rows, or blocks already converted by block_view)
+// or uint16_t holding bf16 bits (bf16 rows read in place, converted in registers).
+template <typename Acc>
+inline Acc as_acc(Acc x) { return x; }
+template <typename Acc>
+inline Acc as_acc(uint16_t bf16_bits) { return bf16_to_float(bf16_bits); }
+
+// The soft path's first loop over a block: s/τ and the contrasted z/τ (see contrast_block_t)
+// with both maxima and both NaN/+inf checks, reading s, a and t once.
+template <typename Acc, typename In, bool TEXT, bool PLAUS>
+void scale_and_contrast_t(const In* s, const In* a, const In* t, int64_t n, const KernelOptions& o,
+                          Acc threshold, Acc* st, Acc* zt, Acc& smax_out, Acc& zmax_out, Acc& chk) {
+  const Acc alpha = static_cast<Acc>(o.alpha), one_plus = 1 + alpha, inv_tau = static_cast<Acc>(o.inv_tau);
+  Acc c = 0, smax = kNegInf<Acc>, zmax = kNegInf<Acc>;
+#pragma omp simd reduction(+ : c) reduction(max : smax, zmax)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc si = as_acc<Acc>(s[i]), ai = as_acc<Acc>(a[i]), ti = TEXT ? as_acc<Acc>(t[i]) : Acc(0);
+    c += si == kNegInf<Acc> ? Acc(0) : si * Acc(0);
+    const bool impossible = ai == kNegInf<Acc>;
+    const Acc bad = TEXT ? ai * Acc(0) + ti * Acc(0) : ai * Acc(0);
+    c += impossible ? Acc(0) : bad;
+    Acc z = TEXT ? one_plus * ai - alpha * ti : ai;
+    z = impossible ? kNegInf<Acc> : z;
+    if (PLAUS) z = ai < threshold ? kNegInf<Acc> : z;
+    st[i] = si * inv_tau;
+    zt[i] = z * inv_tau;
+    smax = st[i] > smax ? st[i] : smax;
+    zmax = zt[i] > zmax ? zt[i] : zmax;
+  }
+  smax_out = smax;
+  zmax_out = zmax;
+  chk += c;
+}
+
+template <typename Acc, typename In>
+void scale_and_contrast(const In* s, const In* a, const In* t, int64_t n, const KernelOptions& o, Acc threshold,
+                        Acc* st, Acc* zt, Acc& smax, Acc& zmax, Acc& chk) {
+  if (o.use_text) {
+    if (o.plausibility) {
+      return scale_and_contrast_t<Acc, In, true, true>(s, a, t, n, o, threshold, st, zt, smax, zmax, chk);
+    }
+    return scale_and_contrast_t<Acc, In, true, false>(s, a, t, n, o, threshold, st, zt, smax, zmax, chk);
+  }
+  if (o.plausibility) {
+    return scale_and_contrast_t<Acc, In, false, true>(s, a, t, n, o, threshold, st, zt, smax, zmax, chk);
+  }
+  scale_and_contrast_t<Acc, In, false, false>(s, a, t, n, o, threshold, st, zt, smax, zmax, chk);
+}
+
+// scale_and_contrast of the block at `start`: bf16 rows are read in place when s, a (and t) are
+// all bf16, any other mix through block_view's conversion into the stack buffers.
+template <typename Acc>
+void scale_and_contrast_rows(const Row& s, const Row& a, const Row& t, int64_t start, int64_t n,
+                             const KernelOptions& o, Acc threshold, Acc* sb, Acc* ab, Acc* tb, Acc* st, Acc* zt,
+                             Acc& smax, Acc& zmax, Acc& chk) {
+  const bool bf16 = std::is_same<Acc, float>::value && s.dtype == DType::kBFloat16 &&
+                    a.dtype == DType::kBFloat16 && (!o.use_text || t.dtype == DType::kBFloat16);
+  if (bf16) {
+    const uint16_t* sp = static_cast<const uint16_t*>(s.ptr) + start;
+    const uint16_t* ap = static_cast<const uint16_t*>(a.ptr) + start;
+    const uint16_t* tp = o.use_text ? static_cast<const uint16_t*>(t.ptr) + start : ap;
+    return scale_and_contrast<Acc, uint16_t>(sp, ap, tp, n, o, threshold, st, zt, smax, zmax, chk);
+  }
+  const Acc* sp = block_view(s, start, n, sb);
+  const Acc* ap = block_view(a, start, n, ab);
+  const Acc* tp = o.use_text ? block_view(t, start, n, tb) : ap;  // read only with the text path
+  scale_and_contrast<Acc, Acc>(sp, ap, tp, n, o, threshold, st, zt, smax, zmax, chk);
+}
+
+// What the soft path's second loop over a block sums (relative to the running maxima m_s, m_z).
+template <typename Acc>
+struct BlockSums {
+  Acc sum_s = 0, sum_z = 0;  // Σ e_s, Σ e_z
+  Acc gx = 0, gy = 0;        // the divergence's weighted gaps (weighted_gaps), KL only
+};
+
+// The soft path's second loop, fused: e_s = exp(s/τ − m_s) and e_z = exp(z/τ − m_z) into es, ez,
+// their sums, and for forward (reverse) KL the weighted gaps of weighted_gaps with x = z/τ, y = s/τ
+// (x = s/τ, y = z/τ) in the same loop, so each gap is the exp's own argument and st, zt, es and
+// ez are not read a second time. DIV = kJSD: sums only.
+template <typename Acc, int DIV>
+BlockSums<Acc> exp_and_gaps_t(const Acc* st, Acc ms, const Acc* zt, Acc mz, int64_t n, Acc* es, Acc* ez,
+                              Acc& infinite) {
+  constexpr Acc kLowest = std::numeric_limits<Acc>::lowest();
+  Acc ss = 0, sz = 0, sx = 0, sy = 0, inf_count = 0;
+#pragma omp simd reduction(+ : ss, sz, sx, sy, inf_count)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc ds = st[i] - ms, dz = zt[i] - mz;
+    const Acc e_s = vexp(ds), e_z = vexp(dz);
+    es[i] = e_s;
+    ez[i] = e_z;
+    ss += e_s;
+    sz += e_z;
+    if (DIV != kJSD) {
+      // x, y and the weight as in weighted_gaps (gaps clamped at the lowest float, +inf entries counted).
+      const Acc dx = DIV == kForwardKL ? dz : ds, dy = DIV == kForwardKL ? ds : dz;
+      const Acc w = DIV == kForwardKL ? e_z : e_s;
+      const Acc x = DIV == kForwardKL ? zt[i] : st[i], y = DIV == kForwardKL ? st[i] : zt[i];
+      sx += w * (dx > kLowest ? dx : kLowest);
+      sy += w * (dy > kLowest ? dy : kLowest);
+      inf_count += x != kNegInf<Acc> && y == kNegInf<Acc> ? Acc(1) : Acc(0);
+    }
+  }
+  infinite += inf_count;
+  BlockSums<Acc> b;
+  b.sum_s = ss;
+  b.sum_z = sz;
+  b.gx = sx;
+  b.gy = sy;
+  return b;
+}
+
+template <typename Acc>
+BlockSums<Acc> exp_and_gaps(int32_t divergence, const Acc* st, Acc ms, const Acc* zt, Acc mz, int64_t n, Acc* es,
+                            Acc* ez, Acc& infinite) {
+  if (divergence == kForwardKL) return exp_and_gaps_t<Acc, kForwardKL>(st, ms, zt, mz, n, es, ez, infinite);
+  if (divergence == kReverseKL) return exp_and_gaps_t<Acc, kReverseKL>(st, ms, zt, mz, n, es, ez, infinite);
+  return exp_and_gaps_t<Acc, kJSD>(st, ms, zt, mz, n, es, ez, infinite);
+}
+
 // What the forward keeps for a backward in the same call (forward_backward_row): each
 // block's exp(s/τ − m_s) and exp(z/τ − m_z), relative to the running maxima m_s, m_z
 // reached at that block, and those maxima ([vocab], [vocab], [blocks], [blocks]).
@@ -279,42 +400,44 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   Acc infinite = 0;            // entries that make forward/reverse KL +inf (see weighted_gaps)
   for (int64_t start = 0, block = 0; start < vocab; start += kBlock, ++block) {
     const int64_t n = std::min(kBlock, vocab - start);
-    const Acc* sp = block_view(s, start, n, sb);
     Acc* es_out = capture ? capture->exp_s + start : es;
     Acc* ez_out = capture ? capture->exp_z + start : ez;
-    Acc smax = kNegInf<Acc>, c = 0;
-#pragma omp simd reduction(+ : c) reduction(max : smax)
-    for (int64_t i = 0; i < n; ++i) {
-      c += sp[i] == kNegInf<Acc> ? Acc(0) : sp[i] * Acc(0);
-      st[i] = sp[i] * inv_tau;
-      smax = st[i] > smax ? st[i] : smax;
-    }
-    chk += c;
     Acc c_s, shift_s;
-    advance(ms, smax, c_s, shift_s);
-    const Acc block_sum_s = exp_block(st, n, ms.safe, es_out);
-    if (capture) capture->max_s[block] = ms.safe;
     if (o.soft) {
-      const Acc* ap = block_view(a, start, n, ab);
-      const Acc* tp = o.use_text ? block_view(t, start, n, tb) : ap;  // read only with the text path
-      Acc c_z, shift_z;
-      advance(mz, contrast_block(ap, tp, n, o, threshold, zt, chk), c_z, shift_z);
-      const Acc block_sum_z = exp_block(zt, n, mz.safe, ez_out);
-      if (capture) capture->max_z[block] = mz.safe;
-      Acc gx, gy;
-      if (o.divergence == kForwardKL) {
-        weighted_gaps(ez_out, zt, mz.safe, st, ms.safe, n, gx, gy, infinite);
-        acc_zz = c_z * (acc_zz - shift_z * sum_z) + gx;
-        acc_zs = c_z * (acc_zs - shift_s * sum_z) + gy;
-      } else if (o.divergence == kReverseKL) {
-        weighted_gaps(es_out, st, ms.safe, zt, mz.safe, n, gx, gy, infinite);
-        acc_ss = c_s * (acc_ss - shift_s * sum_s) + gx;
-        acc_sz = c_s * (acc_sz - shift_z * sum_s) + gy;
+      Acc smax, zmax, c_z, shift_z;
+      scale_and_contrast_rows(s, a, t, start, n, o, threshold, sb, ab, tb, st, zt, smax, zmax, chk);
+      advance(ms, smax, c_s, shift_s);
+      advance(mz, zmax, c_z, shift_z);
+      const BlockSums<Acc> b = exp_and_gaps(o.divergence, st, ms.safe, zt, mz.safe, n, es_out, ez_out, infinite);
+      if (capture) {
+        capture->max_s[block] = ms.safe;
+        capture->max_z[block] = mz.safe;
       }
-      sum_z = sum_z * c_z + block_sum_z;
+      if (o.divergence == kForwardKL) {
+        acc_zz = c_z * (acc_zz - shift_z * sum_z) + b.gx;
+        acc_zs = c_z * (acc_zs - shift_s * sum_z) + b.gy;
+      } else if (o.divergence == kReverseKL) {
+        acc_ss = c_s * (acc_ss - shift_s * sum_s) + b.gx;
+        acc_sz = c_s * (acc_sz - shift_z * sum_s) + b.gy;
+      }
+      sum_z = sum_z * c_z + b.sum_z;
+      sum_s = sum_s * c_s + b.sum_s;
+    } else {
+      const Acc* sp = block_view(s, start, n, sb);
+      Acc smax = kNegInf<Acc>, c = 0;
+#pragma omp simd reduction(+ : c) reduction(max : smax)
+      for (int64_t i = 0; i < n; ++i) {
+        c += sp[i] == kNegInf<Acc> ? Acc(0) : sp[i] * Acc(0);
+        st[i] = sp[i] * inv_tau;
+        smax = st[i] > smax ? st[i] : smax;
+      }
+      chk += c;
+      advance(ms, smax, c_s, shift_s);
+      sum_s = sum_s * c_s + exp_block(st, n, ms.safe, es_out);
+      if (capture) capture->max_s[block] = ms.safe;
     }
-    sum_s = sum_s * c_s + block_sum_s;
     if (o.hard && !o.tau_one) {
+      const Acc* sp = block_view(s, start, n, sb);
       Acc c_h, shift_h;
       advance(mh, block_max(sp, n), c_h, shift_h);
       sum_h = sum_h * c_h + exp_block(sp, n, mh.safe, es);
@@ -520,24 +643,30 @@ float forward_backward_row(float upstream, const Row& s, const Row& a, const Row
   alignas(64) float g[kBlock];
   for (int64_t start = 0, block = 0; start < vocab; start += kBlock, ++block) {
     const int64_t n = std::min(kBlock, vocab - start);
-    // min(·, 0): a block seen while the running max was still −inf has m(b) = 0 and only zero exps.
+    // grad = c_soft·(q − p) + c_hard·(q − onehot) with q = e_s·f_q, p = e_z·f_p: one factor per
+    // block for each kept exp. min(·, 0): a block seen while the running max was still −inf has
+    // m(b) = 0 and only zero exps. The soft term is a difference taken before it is scaled, so
+    // q = p gives exactly 0 (V = 1) and the hard term's q − 1 cancels exactly too.
     const float fq = vexp(std::min(cap.max_s[block] - max_s, 0.f) - log_sum_s);
+    const float fp = o.soft ? vexp(std::min(cap.max_z[block] - max_z, 0.f) - log_sum_z) : 0.f;
+    const float cs = o.soft ? c_soft : 0.f, ch = o.hard ? c_hard : 0.f;
     const float* es = cap.exp_s + start;
-    if (o.soft) {
-      const float fp = vexp(std::min(cap.max_z[block] - max_z, 0.f) - log_sum_z);
-      const float* ez = cap.exp_z + start;
+    const float* ez = o.soft ? cap.exp_z + start : es;  // fp = 0 without the soft term
+    const bool onehot = o.hard && label >= start && label < start + n;
+    if (grad_dtype == DType::kFloat32 && !onehot) {  // straight into the gradient row
+      float* out = static_cast<float*>(grad) + start;
       CAAD_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] = c_soft * (es[i] * fq - ez[i] * fp);
+      for (int64_t i = 0; i < n; ++i) out[i] = cs * (es[i] * fq - ez[i] * fp) + ch * (es[i] * fq);
+    } else if (grad_dtype == DType::kBFloat16 && !onehot) {
+      uint16_t* out = static_cast<uint16_t*>(grad) + start;
+      CAAD_SIMD
+      for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16(cs * (es[i] * fq - ez[i] * fp) + ch * (es[i] * fq));
     } else {
       CAAD_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] = 0;
+      for (int64_t i = 0; i < n; ++i) g[i] = cs * (es[i] * fq - ez[i] * fp) + ch * (es[i] * fq);
+      if (onehot) g[label - start] -= c_hard;
+      store_block(grad, grad_dtype, start, n, g);
     }
-    if (o.hard) {
-      CAAD_SIMD
-      for (int64_t i = 0; i < n; ++i) g[i] += c_hard * (es[i] * fq);
-      if (label >= start && label < start + n) g[label - start] -= c_hard;
-    }
-    store_block(grad, grad_dtype, start, n, g);
   }
   return loss;
 }
