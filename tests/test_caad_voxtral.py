@@ -1,7 +1,14 @@
-"""Voxtral's stand-in processor (caad/models/voxtral.py) against what the real pipeline does: the features equal
-transformers' ``VoxtralProcessor._retrieve_input_features`` (called with the stand-in's feature extractor, since the
-real processor needs mistral_common), a clip longer than a window takes several feature rows, the audio-token
-count is the model's audio-embedding count, and prompts follow Mistral's instruct layout."""
+"""Voxtral's two processors (caad/models/voxtral.py).
+
+The stand-in against what the real pipeline does: the features equal transformers'
+``VoxtralProcessor._retrieve_input_features`` (called with the stand-in's feature extractor), a clip longer than a
+window takes several feature rows, the audio-token count is the model's audio-embedding count, and prompts follow
+Mistral's instruct layout.
+
+The real ``VoxtralProcessor`` over a tiny offline Tekken file (needs mistral_common): its special-token ids, caad's
+rows equal to mistral_common's own ``encode_chat_completion`` of the conversation (prompt, then target = text +
+``</s>``), the same layout (as token strings and decoded text) and bit-identical features as the stand-in, one
+batched dual-view forward equal to two forwards, training, Stage 1 teacher mode, decoding and evaluation."""
 
 import types
 

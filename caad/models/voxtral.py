@@ -10,33 +10,42 @@ order to the ``[AUDIO]`` tokens of the whole batch. The forward takes ``input_fe
 mask (a short clip is padded with silence to a whole window, and the model sees the padding), and the logits are
 exactly ``lm_head(model.model(...).last_hidden_state)``.
 
-What is a stand-in, and why: the real ``VoxtralProcessor`` cannot be built on this project's test machine.
-Its tokenizer is Mistral's Tekken tokenizer loaded through ``MistralCommonBackend``, which needs the
-``mistral_common`` package, not installed and not installable offline. The tests therefore build the tiny model
-with :class:`VoxtralAudioProcessor`, which reproduces the real processor's audio path and nothing else:
+Two processors drive the family:
 
-- features as ``VoxtralProcessor._retrieve_input_features`` makes them: each clip is padded with zeros to a whole
-  number of windows (``pad_to_multiple_of`` the window's samples, never truncated), its log-mel spectrogram is
-  computed once over the padded clip by a ``WhisperFeatureExtractor``, then cut into windows, each window one row of
-  ``input_features``; a clip longer than a window takes several rows;
-- the token layout Mistral's instruct tokenizer gives a user turn with audio, ``<s>[INST][BEGIN_AUDIO]`` followed by
-  ``F / 8`` ``[AUDIO]`` tokens per window of the clip, then the text and ``[/INST]``; the assistant turn ends with
-  ``</s>``.
+- the real ``VoxtralProcessor`` (:func:`build_real_processor`, or any checkpoint's through ``AutoProcessor``). Its
+  tokenizer is Mistral's Tekken tokenizer through ``MistralCommonBackend`` (package ``mistral_common``, in caad's
+  ``test`` extra). Two things differ from the processors caad renders prompts for: ``VoxtralProcessor.__call__`` is
+  text-only and refuses text holding ``[AUDIO]`` (audio enters only through ``apply_chat_template``, where
+  ``mistral_common`` pads each clip to whole windows and inserts ``[BEGIN_AUDIO]`` and ``F / 8`` ``[AUDIO]`` tokens
+  per window), and the tokenizer does not parse special-token strings (``"<s>[INST]"`` in text becomes bytes). The
+  family's ``chat_encoder`` hook (:class:`MistralChatEncoder`) therefore encodes whole user turns for the collator,
+  the generation prompts and Stage 1, and the target is the text's Tekken ids plus ``</s>``, which is how
+  ``mistral_common`` encodes an assistant turn (tested against its own ``encode_chat_completion``). The window
+  (``chunk_length`` of the feature extractor, 30 s for the released checkpoints) is passed to the processor as its
+  ``pad_to_multiple_of`` / ``max_source_positions`` audio kwargs, so the tiny 2 s window works like the real one;
+  the Tekken file's ``audio.chunk_length_s`` must agree (checked). For tests, :func:`write_tekken` writes a tiny
+  valid Tekken file offline (256 byte tokens after 32 special slots, ``[AUDIO]`` at id 24 as the processor
+  hard-codes, version ``v7``, the tiny window in its audio section);
+- :class:`VoxtralAudioProcessor`, a stand-in with caad's ``__call__(text=, audio=, sampling_rate=)`` interface,
+  kept for the tests that need no ``mistral_common``. It reproduces the real processor's audio path and token
+  layout and nothing else:
 
-What differs from the real processor:
+  - features as ``VoxtralProcessor._retrieve_input_features`` makes them: each clip is padded with zeros to a whole
+    number of windows (``pad_to_multiple_of`` the window's samples, never truncated), its log-mel spectrogram is
+    computed once over the padded clip by a ``WhisperFeatureExtractor``, then cut into windows, each window one row
+    of ``input_features``; a clip longer than a window takes several rows;
+  - the token layout Mistral's instruct tokenizer gives a user turn with audio, ``<s>[INST][BEGIN_AUDIO]`` followed
+    by ``F / 8`` ``[AUDIO]`` tokens per window of the clip, then the text and ``[/INST]``; the assistant turn ends
+    with ``</s>``. Each ``[AUDIO]`` of a rendered prompt (one per clip, after ``[BEGIN_AUDIO]``) is expanded into the
+    clip's audio tokens at the id level;
+  - what differs: the tokenizer is the offline byte-level BPE of :func:`caad.tiny_models.build_tokenizer` with
+    Voxtral's special tokens added (other ids than Tekken's, e.g. ``[AUDIO]`` is not id 24) and a Jinja chat template
+    rendering the same layout, and :meth:`VoxtralAudioProcessor.from_pretrained` loads only folders it saved itself.
+    The real processor's ids and features equal the stand-in's token for token (as strings) and bit for bit
+    (``tests/test_caad_voxtral.py``).
 
-- the interface. ``VoxtralProcessor.__call__`` is text-only and refuses any text holding ``[AUDIO]``; audio goes
-  only through ``apply_chat_template`` (the conversation is tokenized by ``mistral_common``, which inserts the audio
-  tokens). caad's collators call ``processor(text=, audio=, sampling_rate=)`` on rendered prompts, which the
-  stand-in accepts: each ``[AUDIO]`` of a prompt (one per clip, after ``[BEGIN_AUDIO]``) is expanded into the clip's
-  audio tokens at the id level. A real Voxtral checkpoint therefore cannot be driven by caad's collator through
-  ``VoxtralProcessor``, and :meth:`VoxtralAudioProcessor.from_pretrained` loads only folders it saved itself
-  (a Hugging Face tokenizer), not a real checkpoint's ``tekken.json``;
-- the tokenizer: the offline byte-level BPE of :func:`caad.tiny_models.build_tokenizer` with Voxtral's special
-  tokens added (other ids than Tekken's, e.g. ``[AUDIO]`` is not id 24) and a Jinja chat template that renders the
-  same layout as ``mistral_common`` (no system prompt);
-- the window: a tiny ``chunk_length`` (2 s, 200 frames, 25 audio tokens) instead of 30 s, with the tiny encoder's
-  ``max_source_positions`` set to match; 128 mel bins as the real model.
+Both use a tiny ``chunk_length`` (2 s, 200 frames, 25 audio tokens) instead of 30 s in :func:`build_tiny`, with the
+tiny encoder's ``max_source_positions`` set to match; 128 mel bins as the real model.
 """
 
 from __future__ import annotations
