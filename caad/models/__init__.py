@@ -4,7 +4,9 @@ The method layer (collator, synchronized teacher forcing, Stage 1, evaluation, c
 once against :class:`AudioFamily`; a family says how a user turn with audio is rendered, which processor
 outputs carry the audio (dropped for the text-only view, or fed as silence), whether the LM head can be applied
 to the gathered target rows only (exact when the forward is ``lm_head(base_model(...).last_hidden_state)``), and
-how to build a tiny random instance for tests.
+how to build a tiny random instance for tests. A processor that takes audio only through its chat template (the
+real ``VoxtralProcessor``) is driven through its family's ``chat_encoder`` (:class:`ChatEncoder`), which encodes
+whole user turns where the other processors get rendered prompt strings.
 
 Adding a family is one file here: define ``FAMILY = AudioFamily(...)`` and list the module in ``_MODULES``.
 """
