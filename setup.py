@@ -75,8 +75,11 @@ setup(
         "ninja",  # the JIT build of csrc/ on first use
     ],
     extras_require={
-        # matplotlib: the report test; setuptools/wheel: the ahead-of-time build test (--no-build-isolation)
-        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib", "setuptools>=68", "wheel"],
+        # matplotlib: the report test; setuptools/wheel: the ahead-of-time build test (--no-build-isolation);
+        # mistral-common: the real VoxtralProcessor's Tekken tokenizer (pure Python + tiktoken, no torch; its audio
+        # extra is soundfile and soxr, which the train extra has too).
+        "test": ["pytest>=8", "pytest-benchmark>=4", "ruff", "matplotlib", "setuptools>=68", "wheel",
+                 "mistral-common[audio]>=1.13"],
         # The method layer (caad/): HF Trainer, audio files and resampling, HF datasets.
         # peft: LoRA students (caad train --lora-r); matplotlib: the demo's and `caad bias-eval --plot`'s PNG.
         "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets", "peft>=0.13",

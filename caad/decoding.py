@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from caad.models import family_of
+from caad.models import chat_encoder_of, family_of
 from caad.teacher import build_prompts, feature_tensor, token_rows
 from caad_kernels.reference import contrasted_logits
 
@@ -98,9 +98,10 @@ def build_generation_inputs(
 ) -> dict[str, Tensor]:
     """Left-padded generation prompts (no target) for a batch of examples.
 
-    The prompt is the prompt half of :func:`caad.teacher.build_prompts`, so generation continues exactly where the
-    Pseudo-GT starts in training. Left padding keeps every row's last prompt token in the last column, which batched
-    ``generate`` needs.
+    The prompt is the prompt half of :func:`caad.teacher.build_prompts` (for a processor that takes audio only
+    through its chat template, the prompts of its family's :class:`~caad.models.ChatEncoder`, as in
+    :class:`~caad.teacher.DualViewCollator`), so generation continues exactly where the Pseudo-GT starts in training.
+    Left padding keeps every row's last prompt token in the last column, which batched ``generate`` needs.
 
     Args:
         processor: a supported family's processor (``.tokenizer``, ``.feature_extractor``; :mod:`caad.models`).
@@ -119,28 +120,37 @@ def build_generation_inputs(
     family = family_of(processor)
     tokenizer = processor.tokenizer
     sampling_rate = int(processor.feature_extractor.sampling_rate)
-    prompts = []
+    instructions = []
     for i, ex in enumerate(examples):
         instruction = ex.get("instruction", "")
         if not isinstance(instruction, str):
             raise TypeError(f"example {i}: 'instruction' must be a str, got {type(instruction)}")
-        # The target text is irrelevant here; "x" only keeps build_prompts' prefix check meaningful.
-        prompt, _ = build_prompts(
-            tokenizer, instruction, "x", with_audio=with_audio, use_chat_template=use_chat_template, family=family
-        )
-        prompts.append(prompt)
-    if not with_audio:
-        ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        return _left_padded(ids, _pad_id(tokenizer))
-    audios = [_audio_of(i, ex, sampling_rate) for i, ex in enumerate(examples)]
-    if silence:
+        instructions.append(instruction)
+    audios = [_audio_of(i, ex, sampling_rate) for i, ex in enumerate(examples)] if with_audio else None
+    if audios is not None and silence:
         audios = [np.zeros_like(a) for a in audios]
-    # Unpadded text, padded here: a processor's `padding=True` also reaches its feature extractor, which would
-    # then pad the audio to the longest clip instead of the encoder's fixed window (Audio Flamingo 3's encoder
-    # needs the window).
-    enc = processor(text=prompts, audio=audios, sampling_rate=sampling_rate, add_special_tokens=False)
-    out = _left_padded(token_rows(enc), _pad_id(tokenizer))
-    for key in family.feature_keys:
+    chat = chat_encoder_of(processor)
+    if chat is not None:  # a processor that takes audio only through its chat template encodes whole turns
+        if use_chat_template is False:
+            raise ValueError(f"use_chat_template=False, but the {type(processor).__name__} takes audio only "
+                             "through its chat template")
+        enc = chat.prompts(instructions, audios)
+        rows = enc["input_ids"]
+    else:
+        # The target text is irrelevant here; "x" only keeps build_prompts' prefix check meaningful.
+        prompts = [build_prompts(tokenizer, instruction, "x", with_audio=with_audio,
+                                 use_chat_template=use_chat_template, family=family)[0]
+                   for instruction in instructions]
+        if audios is None:
+            enc, rows = {}, tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        else:
+            # Unpadded text, padded here: a processor's `padding=True` also reaches its feature extractor, which
+            # would then pad the audio to the longest clip instead of the encoder's fixed window (Audio Flamingo
+            # 3's encoder needs the window).
+            enc = processor(text=prompts, audio=audios, sampling_rate=sampling_rate, add_special_tokens=False)
+            rows = token_rows(enc)
+    out = _left_padded(rows, _pad_id(tokenizer))
+    for key in family.feature_keys if audios is not None else ():
         out[key] = feature_tensor(enc[key])
     return out
 

@@ -111,7 +111,9 @@ def pseudo_gt_with_teacher(
     For each record the seed ``render_template(record, seed_template)`` (e.g. ``"[sound] 3 beeps, high pitch,
     loud"``) and the instruction form a chat prompt; the teacher generates greedily from ``input_ids`` and
     ``attention_mask`` only — no ``input_features``, i.e. its text-only path — at most ``max_new_tokens``
-    tokens. Prompts are left-padded in batches of ``batch_size``; the result is decoded without special tokens
+    tokens (for a processor that takes audio only through its chat template, the prompt is its family's
+    :class:`~caad.models.ChatEncoder` encoding of that user turn). Prompts are left-padded in batches of
+    ``batch_size``; the result is decoded without special tokens
     and stripped. ``processor`` is a processor with a ``.tokenizer`` or a tokenizer. Empty outputs are kept
     (and counted in a warning): they are what the teacher wrote.
     """
@@ -121,8 +123,18 @@ def pseudo_gt_with_teacher(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    from .decoding import _left_padded
+    from .models import chat_encoder_of
+
     tokenizer = _tokenizer_of(processor)
-    prompts = [teacher_prompt(tokenizer, render_template(r, seed_template), r.instruction) for r in records]
+    # A processor that takes audio only through its chat template (the real VoxtralProcessor) encodes the turn
+    # itself: its tokenizer does not parse the special tokens of a rendered prompt.
+    chat = chat_encoder_of(processor)
+    seeds = [render_template(r, seed_template) for r in records]
+    if chat is None:
+        prompts = [teacher_prompt(tokenizer, seed, r.instruction) for seed, r in zip(seeds, records, strict=True)]
+    else:  # the user turn's text (as teacher_prompt renders it), which chat.prompts encodes as a whole turn
+        prompts = [f"{seed}\n{r.instruction}" for seed, r in zip(seeds, records, strict=True)]
     device = next(model.parameters()).device
     was_training, old_side = model.training, tokenizer.padding_side
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -133,7 +145,10 @@ def pseudo_gt_with_teacher(
     try:
         with torch.no_grad():
             for start in range(0, len(prompts), batch_size):
-                enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+                if chat is None:
+                    enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+                else:
+                    enc = _left_padded(chat.prompts(prompts[start : start + batch_size], None)["input_ids"], pad_id)
                 gen = model.generate(
                     input_ids=enc["input_ids"].to(device),
                     attention_mask=enc["attention_mask"].to(device),

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .models import family_of, family_or_none
+from .models import chat_encoder_of, family_of, family_or_none
 
 __all__ = [
     "AUDIO_PLACEHOLDER",
@@ -170,7 +170,9 @@ class DualViewCollator:
     Args:
         processor: the model family's processor (``Qwen2AudioProcessor``, ``AudioFlamingo3Processor``, ...: one
             taking ``text=``, ``audio=``, ``sampling_rate=`` that expands the family's audio token and returns its
-            ``feature_keys``; see :mod:`caad.models`).
+            ``feature_keys``; see :mod:`caad.models`), or one that takes audio only through its chat template (the
+            real ``VoxtralProcessor``): its family's :class:`~caad.models.ChatEncoder` then encodes the user turns
+            and targets, with the same layout and invariants.
         text_only_view: ``"drop"`` (no audio at all) or ``"silence"`` (zeros of the audio's length).
         max_length: if set, the target is truncated from the right so that every row fits in ``max_length`` tokens
             (the same number of target tokens is kept in both views); a prompt that alone fills ``max_length`` is
@@ -200,6 +202,12 @@ class DualViewCollator:
         self.use_chat_template = use_chat_template
         self.sampling_rate = int(processor.feature_extractor.sampling_rate)
         self.family = family_of(family if family is not None else processor)
+        # A processor that takes audio only through its chat template (the real VoxtralProcessor) encodes whole
+        # turns itself; every other one takes prompts rendered by build_prompts.
+        self.chat_encoder = chat_encoder_of(processor)
+        if self.chat_encoder is not None and use_chat_template is False:
+            raise ValueError(f"use_chat_template=False, but the {type(processor).__name__} takes audio only through "
+                             "its chat template")
         self.audio_token_id = self.tokenizer.convert_tokens_to_ids(self.family.audio_token)
         pad = self.tokenizer.pad_token_id
         if pad is None:
@@ -242,13 +250,21 @@ class DualViewCollator:
 
     # -- building -------------------------------------------------------------------------------------------------
 
-    def _encode_prompts(self, prompts: list[str], audios: list[np.ndarray] | None) -> dict[str, Any]:
-        """Token ids (lists, unpadded) for the prompts, plus features when ``audios`` is given."""
-        if audios is None:
+    def _encode_prompts(self, prompts: list[str], instructions: list[str],
+                        audios: list[np.ndarray] | None) -> dict[str, Any]:
+        """Token ids (lists, unpadded) for the prompts, plus features when ``audios`` is given: the rendered
+        ``prompts`` through the processor, or the ``instructions`` through the family's chat encoder."""
+        if self.chat_encoder is not None:
+            enc = self.chat_encoder.prompts(instructions, audios)
+        elif audios is None:
             enc = self.tokenizer(prompts, add_special_tokens=False)
             return {"input_ids": [list(x) for x in enc["input_ids"]]}
-        enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate, add_special_tokens=False)
+        else:
+            enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate,
+                                 add_special_tokens=False)
         out: dict[str, Any] = {"input_ids": token_rows(enc)}
+        if audios is None:
+            return out
         for key in self.family.feature_keys:
             out[key] = feature_tensor(enc[key])
         for i, ids in enumerate(out["input_ids"]):
@@ -256,13 +272,8 @@ class DualViewCollator:
                 raise ValueError(f"example {i}: the processor did not insert any audio token in the prompt")
         return out
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """Collate ``examples``; see the class docstring for the output layout."""
-        if len(examples) == 0:
-            raise ValueError("DualViewCollator got an empty list of examples")
-        checked = [self._check_example(i, ex) for i, ex in enumerate(examples)]
-        audios = [a for a, _, _ in checked]
-
+    def _render(self, checked: list[tuple[np.ndarray, str, str]]) -> tuple[list[str], list[str], list[str]]:
+        """``(audio-view prompts, text-view prompts, targets)`` rendered by :func:`build_prompts`."""
         a_prompts, t_prompts, targets = [], [], []
         for _, instruction, pseudo_gt in checked:
             ap, tgt = build_prompts(
@@ -282,14 +293,29 @@ class DualViewCollator:
             a_prompts.append(ap)
             t_prompts.append(tp)
             targets.append(tgt)
+        return a_prompts, t_prompts, targets
 
-        a_enc = self._encode_prompts(a_prompts, audios)
-        if self.text_only_view == "silence":
-            t_enc = self._encode_prompts(t_prompts, [np.zeros_like(a) for a in audios])
-        else:
-            t_enc = self._encode_prompts(t_prompts, None)
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Collate ``examples``; see the class docstring for the output layout."""
+        if len(examples) == 0:
+            raise ValueError("DualViewCollator got an empty list of examples")
+        checked = [self._check_example(i, ex) for i, ex in enumerate(examples)]
+        audios = [a for a, _, _ in checked]
+
+        instructions = [instruction for _, instruction, _ in checked]
+        if self.chat_encoder is None:
+            a_prompts, t_prompts, targets = self._render(checked)
+        else:  # the chat encoder encodes the instructions and targets itself
+            a_prompts, t_prompts, targets = [], [], []
+
+        a_enc = self._encode_prompts(a_prompts, instructions, audios)
+        silence = [np.zeros_like(a) for a in audios] if self.text_only_view == "silence" else None
+        t_enc = self._encode_prompts(t_prompts, instructions, silence)
         # The target is tokenized once and appended to both prompts: identical ids in both views by construction.
-        tgt_ids = [list(x) for x in self.tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        if self.chat_encoder is not None:
+            tgt_ids = self.chat_encoder.targets([pseudo_gt for _, _, pseudo_gt in checked])
+        else:
+            tgt_ids = [list(x) for x in self.tokenizer(targets, add_special_tokens=False)["input_ids"]]
 
         for i, (pa, pt, tg) in enumerate(zip(a_enc["input_ids"], t_enc["input_ids"], tgt_ids, strict=True)):
             if len(tg) == 0:

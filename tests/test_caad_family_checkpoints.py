@@ -1,6 +1,8 @@
 """The path a user takes with local real models, for every family of caad/models/: tiny random teacher and student
 checkpoints written by ``save_pretrained`` (model and processor), then ``caad train --teacher DIR --student DIR``
-and ``caad eval`` on the trained student, loading everything back from the folders."""
+and ``caad eval`` on the trained student, loading everything back from the folders. Voxtral runs twice: with its
+stand-in processor and with the real ``VoxtralProcessor`` over a tiny offline Tekken tokenizer (needs
+mistral_common)."""
 
 import json
 
@@ -12,7 +14,9 @@ pytest.importorskip("soundfile")
 from caad.cli import main  # noqa: E402
 from caad.models import families, family_of, load_processor  # noqa: E402
 
-FAMILIES = sorted(families())
+#: The real VoxtralProcessor variant of the Voxtral family.
+REAL_VOXTRAL = "Voxtral (real processor)"
+FAMILIES = [*sorted(families()), REAL_VOXTRAL]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -20,14 +24,19 @@ def checkpoints(request, tmp_path_factory):
     from caad.data import load_records, save_jsonl
     from caad.synthetic import beep_records
 
-    fam = families()[request.param]
+    real = request.param == REAL_VOXTRAL
+    if real:
+        pytest.importorskip("mistral_common")
+    fam = families()["Voxtral" if real else request.param]
     root = tmp_path_factory.mktemp("ckpt")
     for name, hidden, layers, seed in (("teacher", 32, 2, 7), ("student", 16, 1, 1)):
-        model, processor = fam.build_tiny(hidden=hidden, layers=layers, seed=seed)
+        # The Tekken file is written apart from the checkpoint: save_pretrained copies it in.
+        extra = {"tokenizer_dir": root / f"{name}-tekken"} if real else {}
+        model, processor = fam.build_tiny(hidden=hidden, layers=layers, seed=seed, **extra)
         model.save_pretrained(root / name)
         processor.save_pretrained(root / name)
     save_jsonl(load_records(beep_records(4, seed=2))[0], root / "data.jsonl")
-    return fam, root
+    return fam, root, real
 
 
 def _weights(folder):
@@ -37,13 +46,17 @@ def _weights(folder):
 
 
 def test_saved_processor_loads_back_as_the_family_processor(checkpoints):
-    fam, root = checkpoints
+    fam, root, real = checkpoints
     processor = load_processor(root / "student")
     assert family_of(processor) is fam  # not a bare tokenizer or feature extractor
+    if real:
+        assert type(processor).__name__ == "VoxtralProcessor"
+        assert type(processor.tokenizer).__name__ == "MistralCommonBackend"
+        assert (root / "student" / "tekken.json").is_file() and len(processor.tokenizer) == 288
 
 
 def test_caad_train_and_eval_from_saved_checkpoints(checkpoints, tmp_path):
-    fam, root = checkpoints
+    fam, root, real = checkpoints
     out = tmp_path / "run"
     assert main([str(a) for a in [
         "train", "--data", root / "data.jsonl", "--teacher", root / "teacher", "--student", root / "student",
@@ -52,7 +65,9 @@ def test_caad_train_and_eval_from_saved_checkpoints(checkpoints, tmp_path):
     trained, start = _weights(out / "student"), _weights(root / "student")
     assert trained.keys() == start.keys()
     assert max(float((trained[k].float() - start[k].float()).abs().max()) for k in trained) > 1e-4
-    assert family_of(load_processor(out / "student")) is fam
+    trained_processor = load_processor(out / "student")
+    assert family_of(trained_processor) is fam
+    assert (type(trained_processor).__name__ == "VoxtralProcessor") == real
     metrics_path = tmp_path / "eval.json"
     assert main([str(a) for a in ["eval", "--data", root / "data.jsonl", "--student", out / "student",
                                   "--teacher", root / "teacher", "--contrastive", "--output", metrics_path]]) == 0

@@ -29,13 +29,19 @@ from caad.teacher import (  # noqa: E402
 from caad.trainer import CAADConfig, CAADTrainer  # noqa: E402
 
 FAMILIES = sorted(families())
+#: Voxtral once more, with the real VoxtralProcessor over a tiny offline Tekken tokenizer (needs mistral_common).
+REAL_VOXTRAL = "Voxtral (real processor)"
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
-def family(request):
-    fam = families()[request.param]
-    teacher, processor = fam.build_tiny(hidden=32, layers=2, seed=7)
-    student, student_processor = fam.build_tiny(hidden=16, layers=1, seed=1)
+@pytest.fixture(scope="module", params=[*FAMILIES, REAL_VOXTRAL])
+def family(request, tmp_path_factory):
+    real = request.param == REAL_VOXTRAL
+    if real:
+        pytest.importorskip("mistral_common")
+    fam = families()["Voxtral" if real else request.param]
+    extra = {"tokenizer_dir": tmp_path_factory.mktemp("tekken")} if real else {}
+    teacher, processor = fam.build_tiny(hidden=32, layers=2, seed=7, **extra)
+    student, student_processor = fam.build_tiny(hidden=16, layers=1, seed=1, **extra)
     assert student_processor.tokenizer.get_vocab() == processor.tokenizer.get_vocab()
     records = beep_records(6, seed=2)
     examples = [{"audio": r["audio"]["array"], "instruction": r["instruction"],
@@ -115,9 +121,16 @@ def _args(tmp_path, **kw):
     return CAADConfig(**base)
 
 
+def _fresh_student(fam, processor, tmp_path):
+    """A new tiny student of ``fam`` on ``processor``'s vocabulary (the real Voxtral one writes its Tekken file)."""
+    real = type(processor.tokenizer).__name__ == "MistralCommonBackend"
+    extra = {"tokenizer_dir": tmp_path / "tekken"} if real else {}
+    return fam.build_tiny(hidden=16, layers=1, seed=1, **extra)[0]
+
+
 def test_caad_trainer_loss_falls(family, tmp_path):
     fam, teacher, student, processor, _, examples = family
-    student = fam.build_tiny(hidden=16, layers=1, seed=1)[0]
+    student = _fresh_student(fam, processor, tmp_path)
     trainer = CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path), processor=processor,
                           teacher_processor=processor, train_dataset=examples[:3])
     trainer.train()
@@ -132,7 +145,7 @@ def test_fused_linear_equals_the_logits_path(family, tmp_path):
         return
     losses = []
     for fused in (False, True):
-        student = fam.build_tiny(hidden=16, layers=1, seed=1)[0]
+        student = _fresh_student(fam, processor, tmp_path)
         trainer = CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, fused_linear=fused),
                               processor=processor, train_dataset=examples[:3])
         batch = trainer.data_collator(examples[:3])
@@ -148,7 +161,7 @@ def _assert_fused_linear_is_refused(fam, teacher, processor, examples, tmp_path)
     loss, or for the head on the gathered rows, fails with the family's name and the reason, before any step."""
     capped = getattr(teacher.config.get_text_config(), "final_logit_softcapping", None)
     reason = "soft-caps its logits after the LM head" if capped else "transforms its logits after the LM head"
-    student = fam.build_tiny(hidden=16, layers=1, seed=1)[0]
+    student = _fresh_student(fam, processor, tmp_path)
     with pytest.raises(ValueError, match=rf"fused_linear=True: the student, {re.escape(fam.name)} .*{reason}.*"
                                          r"use the logits path \(fused_linear=False"):
         CAADTrainer(model=student, teacher_model=teacher, args=_args(tmp_path, fused_linear=True),

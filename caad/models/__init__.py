@@ -4,7 +4,9 @@ The method layer (collator, synchronized teacher forcing, Stage 1, evaluation, c
 once against :class:`AudioFamily`; a family says how a user turn with audio is rendered, which processor
 outputs carry the audio (dropped for the text-only view, or fed as silence), whether the LM head can be applied
 to the gathered target rows only (exact when the forward is ``lm_head(base_model(...).last_hidden_state)``), and
-how to build a tiny random instance for tests.
+how to build a tiny random instance for tests. A processor that takes audio only through its chat template (the
+real ``VoxtralProcessor``) is driven through its family's ``chat_encoder`` (:class:`ChatEncoder`), which encodes
+whole user turns where the other processors get rendered prompt strings.
 
 Adding a family is one file here: define ``FAMILY = AudioFamily(...)`` and list the module in ``_MODULES``.
 """
@@ -12,9 +14,12 @@ Adding a family is one file here: define ``FAMILY = AudioFamily(...)`` and list 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: The family modules, imported on first lookup (each imports transformers lazily too).
 _MODULES = ("qwen2_audio", "qwen2_5_omni", "audio_flamingo3", "voxtral", "granite_speech", "gemma3n")
@@ -47,6 +52,11 @@ class AudioFamily:
         per_layer_weights: ``(name suffix, axis)`` of weights outside the decoder layers that stack one block per
             decoder layer along ``axis``, layer-major (Gemma-3n's per-layer embeddings): layer selection keeps the
             blocks of the kept layers (:func:`caad.make_student.select_layers`).
+        chat_encoder: ``chat_encoder(processor_or_tokenizer) -> ChatEncoder | None``: for a processor that takes audio
+            only through its chat template (the real ``VoxtralProcessor`` refuses rendered prompts holding audio
+            tokens, and its tokenizer does not parse special-token strings), a :class:`ChatEncoder` that the
+            collator, the generation prompts and Stage 1 use instead of rendering prompt strings; ``None`` for any
+            other object (e.g. the family's stand-in). :func:`chat_encoder_of` asks every family.
     """
 
     name: str
@@ -61,6 +71,42 @@ class AudioFamily:
     stand_in_processor: type | None = field(default=None, compare=False, repr=False)
     load_hook: Callable[[], None] | None = field(default=None, compare=False, repr=False)
     per_layer_weights: tuple[tuple[str, int], ...] = ()
+    chat_encoder: Callable[[Any], ChatEncoder | None] | None = field(default=None, compare=False, repr=False)
+
+
+@runtime_checkable
+class ChatEncoder(Protocol):
+    """Token ids of caad's prompts and targets for a processor that takes audio only through its chat template.
+
+    The prompt of one example is one user turn, the audio clip (if any) then the instruction, encoded with the
+    generation prompt; the target is what an assistant turn holding the text adds after it. ``prompt + target`` is
+    therefore the chat template's encoding of the whole conversation, and the target ids do not depend on the prompt.
+    """
+
+    def prompts(self, instructions: Sequence[str], audios: Sequence[np.ndarray] | None) -> dict[str, Any]:
+        """Encode ``B`` user turns.
+
+        Args:
+            instructions: ``B`` instructions (text after the audio).
+            audios: ``B`` 1-D float32 waveforms at the feature extractor's rate, one per turn; ``None``: text only.
+
+        Returns:
+            ``{"input_ids": B unpadded lists of ids}`` plus, with audio, the family's ``feature_keys`` (tensors).
+        """
+        ...
+
+    def targets(self, texts: Sequence[str]) -> list[list[int]]:
+        """The ids an assistant turn holding each of ``texts`` adds after the prompt (its end-of-turn included)."""
+        ...
+
+
+def chat_encoder_of(obj: Any) -> ChatEncoder | None:
+    """The :class:`ChatEncoder` of a processor (or tokenizer) that takes audio only through its chat template, or
+    ``None`` for a processor that takes rendered prompts (``processor(text=, audio=, sampling_rate=)``)."""
+    for family in families().values():
+        if family.chat_encoder is not None and (encoder := family.chat_encoder(obj)) is not None:
+            return encoder
+    return None
 
 
 #: The file a stand-in processor's ``save_pretrained`` writes: ``{"processor_class": <class name>}``.
