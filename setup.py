@@ -84,6 +84,8 @@ setup(
         # peft: LoRA students (caad train --lora-r); matplotlib: the demo's and `caad bias-eval --plot`'s PNG.
         "train": ["transformers>=5.0", "accelerate>=1.0", "soundfile", "soxr", "datasets", "peft>=0.13",
                   "matplotlib"],
+        # Voxtral checkpoints: their processor's Tekken tokenizer (MistralCommonBackend).
+        "voxtral": ["mistral-common[audio]>=1.13"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
         "peers": ["liger-kernel", "trl"],
     },

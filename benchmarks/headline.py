@@ -75,9 +75,10 @@ def run_case(names: list[str], n: int, vocab: int, dtype: torch.dtype, rounds: i
             cpu[name].append(time.process_time() - start_cpu)
     memory_s = roofline.memory_floor_s(n, vocab, dtype, True)
     exp_s = roofline.exp_floor_s(n, vocab)
+    touch_s = roofline.first_touch_s(n, vocab, dtype)
     result = {"n": n, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."), "mode": "fwd+bwd",
-              "rounds": rounds, "memory_floor_s": memory_s, "exp_floor_s": exp_s, "skipped": skipped,
-              "contenders": {}}
+              "rounds": rounds, "memory_floor_s": memory_s, "exp_floor_s": exp_s, "first_touch_grad_s": touch_s,
+              "skipped": skipped, "contenders": {}}
     for name in fns:
         entry = {"wall_s": wall[name], "cpu_s": cpu[name], "median_wall_s": statistics.median(wall[name]),
                  "median_cpu_s": statistics.median(cpu[name]),
@@ -104,13 +105,20 @@ def markdown(data: dict) -> str:
         "- memory floor: read s, a, t once + write grad_s at that bandwidth; exp floor: two exps per entry on "
         "every core. Speed-up = torch.compile's time / the contender's, per round, median over rounds "
         "(wall clock; the CPU-time column divides process CPU seconds the same way).",
+        "- allocator: " + ("pages reused (glibc's mmap threshold raised from the environment): outputs are not "
+                           "fresh memory" if roof.get("pages_reused") else
+                           f"glibc default: every [N, V] output is fresh memory, made usable at "
+                           f"{roof.get('first_touch_bytes_per_s', float('nan')) / 1e9:.1f} GB/s (page faults, all "
+                           "threads); the fresh grad_s alone costs the 'first touch' time of each case, in every "
+                           "contender"),
         "",
     ]
     for case in data["cases"]:
         bound = "memory" if case["memory_floor_s"] >= case["exp_floor_s"] else "exp"
         lines += [f"### fwd+bwd, {case['dtype']}, N = {case['n']}, V = {case['vocab']:,} "
                   f"({case['rounds']} rounds; floors: memory {case['memory_floor_s'] * 1e3:.1f} ms, "
-                  f"exp {case['exp_floor_s'] * 1e3:.1f} ms, {bound}-bound)", "",
+                  f"exp {case['exp_floor_s'] * 1e3:.1f} ms, {bound}-bound; first touch of grad_s "
+                  f"{case.get('first_touch_grad_s', 0.0) * 1e3:.1f} ms)", "",
                   "| contender | median | speed-up vs torch.compile | (CPU time) | × memory floor | × exp floor |",
                   "|---|---|---|---|---|---|"]
         rows = sorted(case["contenders"].items(), key=lambda kv: kv[1]["median_wall_s"])

@@ -3,7 +3,7 @@
 Each row's gradient comes from the exponentials its forward kept (one multiply per entry, no second read of
 s, a, t) where the gradient is q and p alone — forward KL, the hard term at τ = 1 — and the loss is finite;
 everything else takes the two-pass row kernel. Checked against the float64 oracle of SPEC §2 on several
-vocabulary blocks (V > 512), rows whose running maximum starts at −inf, |x| ~ 1e4, and against
+vocabulary blocks (V > 2048, the kernel's block), rows whose running maximum starts at −inf, |x| ~ 1e4, and against
 ``grad_in_forward=False`` bit for bit on the rows SPEC §3 makes non-finite.
 """
 import os
@@ -49,7 +49,7 @@ def _run(s, a, t, labels, gif, **opts):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("V", [1, 7, 513, 1500])
+@pytest.mark.parametrize("V", [1, 7, 2049, 5000])
 @pytest.mark.parametrize("name", list(OPTS))
 def test_matches_oracle(name, V, dtype):
     opts = dict(OPTS[name])
@@ -61,25 +61,25 @@ def test_matches_oracle(name, V, dtype):
     assert_matches_oracle(loss, grad, s, a, text, labels, **opts)
 
 
-def _hard_rows(V=1500):
+def _hard_rows(V=6000):
     """Rows that stress the kept exponentials: a leading run of −inf longer than a block (the running
     maximum is −inf there, then jumps to ~−1e4), |x| ~ 1e4, a maximum in the last block."""
     g = torch.Generator().manual_seed(7)
     s, a, t = (torch.randn(4, V, generator=g, dtype=torch.float64) * 3 for _ in range(3))
     for x in (s, a, t):
-        x[0, :700] = -INF
-        x[0, 700:] -= 1e4
+        x[0, :2300] = -INF  # longer than the kernel's 2048-entry block
+        x[0, 2300:] -= 1e4
         x[1] *= 3000.0
         x[2, -5:] += 40.0
-    a[3, :600] = -INF  # masked teacher tokens only: p = 0 there, q > 0
-    t[0, :700] = 0.0  # −inf in a masks the token whatever t is
+    a[3, :2100] = -INF  # masked teacher tokens only: p = 0 there, q > 0
+    t[0, :2300] = 0.0  # −inf in a masks the token whatever t is
     return s.float(), a.float(), t.float()
 
 
 @pytest.mark.parametrize("name", ["forward_kl", "hard_tau1", "plausibility"])
 def test_stress_rows_match_oracle(name):
     s, a, t = _hard_rows()
-    labels = torch.tensor([800, 3, 1499, 10])
+    labels = torch.tensor([2800, 3, 5999, 10])
     loss, grad = _run(s, a, t, labels, True, **OPTS[name])
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert_matches_oracle(loss, grad, s, a, t, labels, **OPTS[name])
@@ -89,12 +89,12 @@ def test_stress_rows_match_oracle(name):
 
 def test_non_finite_rows_take_the_two_pass_kernel():
     """NaN, +inf and no-distribution rows (SPEC §3): the same loss and gradient as grad_in_forward=False."""
-    V = 1100
+    V = 4500
     s, a, t, _ = _rows(6, V, seed=3)
-    s[0, 900] = float("nan")
+    s[0, 4100] = float("nan")
     a[1, 5] = INF
-    t[2, 600] = -INF  # −inf in t where a is finite: NaN
-    s[3, 1000] = -INF  # where p > 0: +inf
+    t[2, 2600] = -INF  # −inf in t where a is finite: NaN
+    s[3, 3000] = -INF  # where p > 0: +inf
     s[4] = -INF  # no student distribution
     # row 5: finite, from the kept exponentials
     labels = torch.arange(6)
@@ -120,3 +120,20 @@ def test_deterministic_across_thread_counts():
         torch.set_num_threads(before)
     for x, y in ((one, two), (two, again)):
         assert torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
+
+
+@pytest.mark.parametrize("gif", [True, False], ids=["one_pass", "two_pass"])
+@pytest.mark.parametrize("mix", ["bf16_student", "bf16_teacher", "fp16_all"])
+def test_mixed_and_fp16_rows_match_oracle(mix, gif):
+    """bf16 rows are read in place only when s, a and t all are bf16; any other mix (and fp16) is converted
+    block by block first. Both routes against the oracle, over several 2048-entry blocks."""
+    s, a, t, labels = _rows(6, 4500, seed=21)
+    if mix == "bf16_student":
+        s = s.bfloat16()
+    elif mix == "bf16_teacher":
+        a, t = a.bfloat16(), t.bfloat16()
+    else:
+        s, a, t = s.half(), a.half(), t.half()
+    loss, grad = _run(s, a, t, labels, gif)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad.dtype == s.dtype
+    assert_matches_oracle(loss, grad, s, a, t, labels)

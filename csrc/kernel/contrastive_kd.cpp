@@ -12,7 +12,11 @@
 namespace caad {
 namespace {
 
-constexpr int64_t kBlock = 512;  // entries per stack buffer: 2 KiB in fp32, L1-resident
+constexpr int64_t kBlock = 2048;  // entries per stack buffer: 8 KiB in fp32; the buffers a path uses stay in L1
+// Sums over a block are taken per chunk of at most kSumChunk entries and then added: where a loop
+// is not vectorised (sanitizer builds) one accumulator would otherwise chain 2048 additions and
+// lose ~1e-5 of a sum to rounding; vectorised, each lane chains kSumChunk / width of them.
+constexpr int64_t kSumChunk = 256;
 
 template <typename Acc>
 constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
@@ -203,44 +207,21 @@ inline void advance(RunningMax<Acc>& m, Acc block_max_value, Acc& rescale, Acc& 
   m.safe = safe;
 }
 
-// e[i] = exp(x[i] − m); returns Σ e.
+// e[i] = exp(x[i] − m); returns Σ e (per kSumChunk, then added).
 template <typename Acc>
 Acc exp_block(const Acc* x, int64_t n, Acc m, Acc* e) {
-  Acc sum = 0;
-  CAAD_SIMD_SUM(sum)
-  for (int64_t i = 0; i < n; ++i) {
-    e[i] = vexp(x[i] - m);
-    sum += e[i];
+  Acc total = 0;
+  for (int64_t c = 0; c < n; c += kSumChunk) {
+    const int64_t end = std::min(n, c + kSumChunk);
+    Acc sum = 0;
+    CAAD_SIMD_SUM(sum)
+    for (int64_t i = c; i < end; ++i) {
+      e[i] = vexp(x[i] - m);
+      sum += e[i];
+    }
+    total += sum;
   }
-  return sum;
-}
-
-// Σ e[i]·(x[i] − mx) and Σ e[i]·(y[i] − my) over entries with e > 0 (0·log 0 = 0), where
-// x is the distribution the divergence weights by and y the other one. Entries in x's
-// support (x > −inf) where y = −inf make KL = +inf, whatever their weight after rounding:
-// they are counted in `infinite` and kept out of the sums (an order-independent rule; a
-// −inf inside a running sum would turn into 0·(−inf) = NaN once its weight underflowed).
-template <typename Acc>
-void weighted_gaps(const Acc* e, const Acc* x, Acc mx, const Acc* y, Acc my, int64_t n, Acc& gx, Acc& gy,
-                   Acc& infinite) {
-  Acc sx = 0, sy = 0, inf_count = 0;
-#pragma omp simd reduction(+ : sx, sy, inf_count)
-  for (int64_t i = 0; i < n; ++i) {
-    // No select on the sums (GCC turns those into masked loads and blends): a gap clamped at the
-    // lowest finite value is exact wherever e > 0 (x − mx ≥ −745 there) and gives e·gap = 0 where
-    // x = −inf (e = 0). Where y = −inf the y-gap is garbage but the entry counts as infinite,
-    // which overrides the sum; where y = −inf and e = 0 it is 0·lowest = 0.
-    constexpr Acc kLowest = std::numeric_limits<Acc>::lowest();
-    const Acc dx = x[i] - mx, dy = y[i] - my;
-    const Acc gap_x = dx > kLowest ? dx : kLowest;
-    const Acc gap_y = dy > kLowest ? dy : kLowest;
-    sx += e[i] * gap_x;
-    sy += e[i] * gap_y;
-    inf_count += x[i] != kNegInf<Acc> && y[i] == kNegInf<Acc> ? Acc(1) : Acc(0);
-  }
-  gx = sx;
-  gy = sy;
-  infinite += inf_count;
+  return total;
 }
 
 // An input entry as Acc: In is Acc itself (fp32 rows, or blocks already converted by block_view)
@@ -316,16 +297,23 @@ void scale_and_contrast_rows(const Row& s, const Row& a, const Row& t, int64_t s
 template <typename Acc>
 struct BlockSums {
   Acc sum_s = 0, sum_z = 0;  // Σ e_s, Σ e_z
-  Acc gx = 0, gy = 0;        // the divergence's weighted gaps (weighted_gaps), KL only
+  Acc gx = 0, gy = 0;        // Σ w·(x − m_x), Σ w·(y − m_y): the KL's weighted gaps (exp_and_gaps_t)
 };
 
-// The soft path's second loop, fused: e_s = exp(s/τ − m_s) and e_z = exp(z/τ − m_z) into es, ez,
-// their sums, and for forward (reverse) KL the weighted gaps of weighted_gaps with x = z/τ, y = s/τ
-// (x = s/τ, y = z/τ) in the same loop, so each gap is the exp's own argument and st, zt, es and
-// ez are not read a second time. DIV = kJSD: sums only.
+// The soft path's second loop over one chunk: e_s = exp(s/τ − m_s) and e_z = exp(z/τ − m_z)
+// into es, ez, their sums, and in the same loop the weighted gaps of the KL: Σ w·(x − m_x) and
+// Σ w·(y − m_y) over entries with w > 0 (0·log 0 = 0), x the distribution the divergence weights
+// by (forward KL: x = z/τ, w = e_z, y = s/τ; reverse KL: mirrored), so each gap is the exp's own
+// argument and st, zt, es, ez are not read again. DIV = kJSD: the sums only.
+// Entries in x's support (x > −inf) where y = −inf make KL = +inf whatever their weight after
+// rounding: they are counted in `infinite` and kept out of the sums (an order-independent rule; a
+// −inf inside a running sum would turn into 0·(−inf) = NaN once its weight underflowed). No select
+// on the sums (GCC turns those into masked loads and blends): a gap clamped at the lowest finite
+// value is exact wherever w > 0 (x − m_x ≥ −745 there) and gives w·gap = 0 where x = −inf (w = 0);
+// where y = −inf the y-gap is garbage but the entry counts as infinite, which overrides the sum.
 template <typename Acc, int DIV>
-BlockSums<Acc> exp_and_gaps_t(const Acc* st, Acc ms, const Acc* zt, Acc mz, int64_t n, Acc* es, Acc* ez,
-                              Acc& infinite) {
+void exp_and_gaps_t(const Acc* st, Acc ms, const Acc* zt, Acc mz, int64_t n, Acc* es, Acc* ez, BlockSums<Acc>& b,
+                    Acc& infinite) {
   constexpr Acc kLowest = std::numeric_limits<Acc>::lowest();
   Acc ss = 0, sz = 0, sx = 0, sy = 0, inf_count = 0;
 #pragma omp simd reduction(+ : ss, sz, sx, sy, inf_count)
@@ -337,7 +325,6 @@ BlockSums<Acc> exp_and_gaps_t(const Acc* st, Acc ms, const Acc* zt, Acc mz, int6
     ss += e_s;
     sz += e_z;
     if (DIV != kJSD) {
-      // x, y and the weight as in weighted_gaps (gaps clamped at the lowest float, +inf entries counted).
       const Acc dx = DIV == kForwardKL ? dz : ds, dy = DIV == kForwardKL ? ds : dz;
       const Acc w = DIV == kForwardKL ? e_z : e_s;
       const Acc x = DIV == kForwardKL ? zt[i] : st[i], y = DIV == kForwardKL ? st[i] : zt[i];
@@ -347,20 +334,28 @@ BlockSums<Acc> exp_and_gaps_t(const Acc* st, Acc ms, const Acc* zt, Acc mz, int6
     }
   }
   infinite += inf_count;
-  BlockSums<Acc> b;
-  b.sum_s = ss;
-  b.sum_z = sz;
-  b.gx = sx;
-  b.gy = sy;
-  return b;
+  b.sum_s += ss;
+  b.sum_z += sz;
+  b.gx += sx;
+  b.gy += sy;
 }
 
+// exp_and_gaps_t over a block, chunk by chunk (kSumChunk).
 template <typename Acc>
 BlockSums<Acc> exp_and_gaps(int32_t divergence, const Acc* st, Acc ms, const Acc* zt, Acc mz, int64_t n, Acc* es,
                             Acc* ez, Acc& infinite) {
-  if (divergence == kForwardKL) return exp_and_gaps_t<Acc, kForwardKL>(st, ms, zt, mz, n, es, ez, infinite);
-  if (divergence == kReverseKL) return exp_and_gaps_t<Acc, kReverseKL>(st, ms, zt, mz, n, es, ez, infinite);
-  return exp_and_gaps_t<Acc, kJSD>(st, ms, zt, mz, n, es, ez, infinite);
+  BlockSums<Acc> b;
+  for (int64_t c = 0; c < n; c += kSumChunk) {
+    const int64_t m = std::min(kSumChunk, n - c);
+    if (divergence == kForwardKL) {
+      exp_and_gaps_t<Acc, kForwardKL>(st + c, ms, zt + c, mz, m, es + c, ez + c, b, infinite);
+    } else if (divergence == kReverseKL) {
+      exp_and_gaps_t<Acc, kReverseKL>(st + c, ms, zt + c, mz, m, es + c, ez + c, b, infinite);
+    } else {
+      exp_and_gaps_t<Acc, kJSD>(st + c, ms, zt + c, mz, m, es + c, ez + c, b, infinite);
+    }
+  }
+  return b;
 }
 
 // What the forward keeps for a backward in the same call (forward_backward_row): each
@@ -397,7 +392,7 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
   Acc acc_zz = 0, acc_zs = 0;  // forward KL = (acc_zz − acc_zs)/sum_z − log sum_z + log sum_s
   Acc acc_ss = 0, acc_sz = 0;  // reverse KL, mirrored
   Acc chk = 0;                 // stays 0 unless a NaN/+inf rule of SPEC §3 fires
-  Acc infinite = 0;            // entries that make forward/reverse KL +inf (see weighted_gaps)
+  Acc infinite = 0;            // entries that make forward/reverse KL +inf (see exp_and_gaps_t)
   for (int64_t start = 0, block = 0; start < vocab; start += kBlock, ++block) {
     const int64_t n = std::min(kBlock, vocab - start);
     Acc* es_out = capture ? capture->exp_s + start : es;
@@ -467,18 +462,21 @@ Acc forward_row_impl(const Row& s, const Row& a, const Row& t, int64_t vocab, in
         load_block(a, start, n, ab);
         if (o.use_text) load_block(t, start, n, tb);
         contrast_block(ab, tb, n, o, threshold, zt, unused);
-        Acc kp = 0, kq = 0;
-        CAAD_SIMD_SUM(kp, kq)
-        for (int64_t i = 0; i < n; ++i) {
-          const Acc log_p = (zt[i] - mz.safe) - log_sum_z;
-          const Acc log_q = (sb[i] * inv_tau - ms.safe) - log_sum_s;
-          const Acc log_m = log_add_exp_t(log_q + log_1m_beta, log_p + log_beta);
-          const Acc p = vexp(log_p), q = vexp(log_q);
-          kp += p > 0 ? p * (log_p - log_m) : Acc(0);
-          kq += q > 0 ? q * (log_q - log_m) : Acc(0);
+        for (int64_t c = 0; c < n; c += kSumChunk) {
+          const int64_t end = std::min(n, c + kSumChunk);
+          Acc kp = 0, kq = 0;
+          CAAD_SIMD_SUM(kp, kq)
+          for (int64_t i = c; i < end; ++i) {
+            const Acc log_p = (zt[i] - mz.safe) - log_sum_z;
+            const Acc log_q = (sb[i] * inv_tau - ms.safe) - log_sum_s;
+            const Acc log_m = log_add_exp_t(log_q + log_1m_beta, log_p + log_beta);
+            const Acc p = vexp(log_p), q = vexp(log_q);
+            kp += p > 0 ? p * (log_p - log_m) : Acc(0);
+            kq += q > 0 ? q * (log_q - log_m) : Acc(0);
+          }
+          kl_pm += kp;
+          kl_qm += kq;
         }
-        kl_pm += kp;
-        kl_qm += kq;
       }
       div = beta * kl_pm + (1 - beta) * kl_qm;
       div_aux = kl_qm;
