@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -147,7 +148,9 @@ def main() -> None:
              for d in args.dtypes.split(",")]
     data = {"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": _commit(), "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-            "command": "python -m benchmarks.headline " + " ".join(
+            "command": "".join(f"{k}={os.environ[k]} " for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                                                                  "GLIBC_TUNABLES") if k in os.environ)
+                       + "python -m benchmarks.headline " + " ".join(
                 f"--{k} {v}" for k, v in vars(args).items() if k != "out") + f" --out {args.out}",
             "roofline": vars(roofline), "cases": cases}
     args.out.parent.mkdir(parents=True, exist_ok=True)

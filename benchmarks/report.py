@@ -152,7 +152,7 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
-def headline_plot(data: dict, out: Path) -> Path:
+def headline_plot(data: dict, out: Path, name: str = "headline.png") -> Path:
     """Speed-up over torch.compile per contender and dtype, from benchmarks.headline's interleaved rounds."""
     import matplotlib
 
@@ -170,11 +170,12 @@ def headline_plot(data: dict, out: Path) -> Path:
     ax.axhline(1.5, color="k", ls="--", lw=0.8)  # ANCHORS.md's CPU target
     ax.set_xticks([i + width * (len(cases) - 1) / 2 for i in range(len(names))], names, rotation=20)
     c0 = cases[0]
+    pages = "pages reused" if data.get("roofline", {}).get("pages_reused") else "fresh output pages"
     ax.set(ylabel="speed-up vs torch.compile\n(median of per-round ratios)",
-           title=f"fwd+bwd, N={c0['n']}, V={c0['vocab']:,}, interleaved rounds")
+           title=f"fwd+bwd, N={c0['n']}, V={c0['vocab']:,}, interleaved rounds, {pages}")
     ax.legend()
     fig.tight_layout()
-    path = out / "headline.png"
+    path = out / name
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -185,7 +186,8 @@ def main() -> None:
     parser.add_argument("json", nargs="*", type=Path, help="pytest-benchmark JSON files (may be omitted with "
                         "--headline)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--headline", type=Path, help="JSON of python -m benchmarks.headline, shown first")
+    parser.add_argument("--headline", type=Path, nargs="+", help="JSON of python -m benchmarks.headline, shown "
+                        "first (several: e.g. default allocator, then pages reused; one plot each)")
     args = parser.parse_args()
     rows, meta = load(args.json)
     if not rows and args.headline is None:
@@ -194,13 +196,21 @@ def main() -> None:
     title = "# Contrastive KD loss: benchmark report"
     text = markdown(rows, meta) if rows else f"{title}\n\n(headline only: no pytest-benchmark JSON given)\n"
     written = []
-    if args.headline is not None:
+    if args.headline:
         from benchmarks.headline import markdown as headline_markdown
 
-        data = json.loads(args.headline.read_text())
         title, rest = text.split("\n", 1)
-        text = f"{title}\n\n{headline_markdown(data)}\n![headline](headline.png)\n\n## pytest-benchmark suite\n{rest}"
-        written.append(headline_plot(data, args.out))
+        parts = []
+        for k, path in enumerate(args.headline):
+            data = json.loads(path.read_text())
+            plot = headline_plot(data, args.out, "headline.png" if k == 0 else f"{path.stem}.png")
+            written.append(plot)
+            head = headline_markdown(data)
+            if k:  # later headlines: their own heading level under the first
+                head = head.replace("## Headline: interleaved rounds (the ratios to quote)",
+                                    f"## Headline, {path.stem}", 1)
+            parts.append(f"{head}\n![{plot.stem}]({plot.name})\n")
+        text = f"{title}\n\n" + "\n".join(parts) + f"\n## pytest-benchmark suite\n{rest}"
     (args.out / "REPORT.md").write_text(text)
     if rows:
         written += plots(rows, args.out)
