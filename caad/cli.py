@@ -112,7 +112,7 @@ def _check_model_dir(path: str, flag: str) -> None:
 def _load_model(path: str, flag: str = "--model"):
     import transformers
 
-    from .models import family_or_none
+    from .models import container_family, family_or_none
     from .peft_student import is_adapter_dir, load_adapter_model
 
     _check_model_dir(path, flag)
@@ -127,11 +127,14 @@ def _load_model(path: str, flag: str = "--model"):
         raise CLIError(f"{flag} {path}: unreadable config.json ({exc})") from exc
     if not isinstance(config, dict):
         raise CLIError(f"{flag} {path}: config.json does not hold a mapping")
-    arch = (config.get("architectures") or ["AutoModelForCausalLM"])[0]
+    model_type = str(config.get("model_type", ""))
+    # A checkpoint holding a family's model inside a larger one (the full Qwen2.5-Omni) loads as that model only.
+    family = container_family(model_type)
+    arch = family.model_class if family is not None else (config.get("architectures") or ["AutoModelForCausalLM"])[0]
     cls = getattr(transformers, str(arch), None)
     if cls is None:
         raise CLIError(f"{flag} {path} holds a {arch}, which transformers {transformers.__version__} does not know")
-    family = family_or_none(str(config.get("model_type", "")))
+    family = family or family_or_none(model_type)
     if family is not None and family.load_hook is not None:
         family.load_hook()  # e.g. Gemma-3n: a tiny checkpoint's stand-in vision tower loads without timm
     try:

@@ -74,3 +74,55 @@ def test_caad_train_and_eval_from_saved_checkpoints(checkpoints, tmp_path):
     metrics = json.loads(metrics_path.read_text())
     assert {"student", "teacher", "teacher, contrastive decoding"} <= set(metrics)
     assert all(0.0 <= metrics[k]["all"] <= 1.0 for k in ("student", "teacher"))
+
+
+def _released_omni_layout(model, folder):
+    """``model`` (a tiny thinker) saved as a released Qwen2.5-Omni folder holds it: the whole model's config
+    (``model_type`` ``qwen2_5_omni``, the thinker's under ``thinker_config``) and the weights under ``thinker.``
+    with the released names (language model under ``thinker.model``), beside a talker tensor."""
+    import re
+
+    import torch
+    from safetensors.torch import save_file
+
+    weights = {}
+    for key, value in model.state_dict().items():
+        key = re.sub(r"^model\.language_model\.", "model.", key)
+        key = re.sub(r"^model\.(audio_tower|visual)\.", r"\1.", key)
+        weights["thinker." + key] = value.detach().clone().contiguous()
+    weights["talker.model.embed_tokens.weight"] = torch.zeros(4, 2)
+    folder.mkdir(parents=True)
+    save_file(weights, str(folder / "model.safetensors"))
+    config = {"architectures": ["Qwen2_5OmniModel"], "model_type": "qwen2_5_omni",
+              "thinker_config": model.config.to_dict(), "enable_audio_output": True}
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_released_qwen2_5_omni_folder_loads_its_thinker_and_trains(tmp_path):
+    """A released Qwen2.5-Omni-7B/3B folder holds thinker and talker (``model_type`` qwen2_5_omni, architecture
+    ``Qwen2_5OmniModel``); caad loads the thinker from it with every weight, and ``caad train`` distils from it."""
+    import torch
+
+    from caad.cli import _load_model
+    from caad.data import load_records, save_jsonl
+    from caad.synthetic import beep_records
+
+    fam = families()["Qwen2.5-Omni thinker"]
+    teacher, processor = fam.build_tiny(hidden=32, layers=2, seed=7)
+    _released_omni_layout(teacher, tmp_path / "Qwen2.5-Omni-7B")
+    processor.save_pretrained(tmp_path / "Qwen2.5-Omni-7B")
+    loaded = _load_model(str(tmp_path / "Qwen2.5-Omni-7B"))
+    assert type(loaded).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration" and family_of(loaded) is fam
+    want = teacher.state_dict()
+    assert loaded.state_dict().keys() == want.keys()
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in want.items())
+
+    student, student_processor = fam.build_tiny(hidden=16, layers=1, seed=1)
+    student.save_pretrained(tmp_path / "student")
+    student_processor.save_pretrained(tmp_path / "student")
+    save_jsonl(load_records(beep_records(4, seed=2))[0], tmp_path / "data.jsonl")
+    assert main([str(a) for a in [
+        "train", "--data", tmp_path / "data.jsonl", "--teacher", tmp_path / "Qwen2.5-Omni-7B", "--student",
+        tmp_path / "student", "--output-dir", tmp_path / "run", "--batch-size", 2, "--max-steps", 1,
+        "--kd-backend", "torch", "--alpha", 1.0]]) == 0
+    assert (tmp_path / "run" / "student" / "model.safetensors").is_file()

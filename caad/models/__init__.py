@@ -57,6 +57,11 @@ class AudioFamily:
             tokens, and its tokenizer does not parse special-token strings), a :class:`ChatEncoder` that the
             collator, the generation prompts and Stage 1 use instead of rendering prompt strings; ``None`` for any
             other object (e.g. the family's stand-in). :func:`chat_encoder_of` asks every family.
+        container_model_types: ``config.model_type`` of released checkpoints that hold this family's model inside a
+            larger one (the full Qwen2.5-Omni: thinker, talker and vocoder); caad loads them as
+            :attr:`model_class` (transformers maps the weight names; the other parts are skipped), see
+            :func:`container_family`.
+        model_class: the transformers class of this family's model (required with ``container_model_types``).
     """
 
     name: str
@@ -72,6 +77,12 @@ class AudioFamily:
     load_hook: Callable[[], None] | None = field(default=None, compare=False, repr=False)
     per_layer_weights: tuple[tuple[str, int], ...] = ()
     chat_encoder: Callable[[Any], ChatEncoder | None] | None = field(default=None, compare=False, repr=False)
+    container_model_types: tuple[str, ...] = ()
+    model_class: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.container_model_types and not self.model_class:
+            raise ValueError(f"family {self.name}: container_model_types needs model_class (the class to load)")
 
 
 @runtime_checkable
@@ -152,6 +163,16 @@ def family_of(obj: Any) -> AudioFamily:
         if cls in family.processor_classes:
             return family
     raise _unsupported(f"a {cls}")
+
+
+def container_family(model_type: str) -> AudioFamily | None:
+    """The family whose model a checkpoint of ``model_type`` holds inside a larger one (``"qwen2_5_omni"``: the
+    Qwen2.5-Omni thinker, beside its talker), or ``None``. Such a checkpoint is loaded as the family's
+    ``model_class``, not as its own ``architectures`` entry."""
+    for family in families().values():
+        if model_type in family.container_model_types:
+            return family
+    return None
 
 
 def family_or_none(obj: Any) -> AudioFamily | None:

@@ -6,6 +6,9 @@ positions are 3-D (multimodal RoPE), computed by the model from the token ids an
 which this project's CPU test machine cannot install beside its torch: the tests build the tiny model with
 :class:`OmniAudioProcessor`, which reproduces the real processor's audio path (Whisper features padded to the
 window, ``feature_attention_mask``, ``<|AUDIO|>`` expanded to the encoder's output length) and nothing else.
+
+A released checkpoint folder (Qwen2.5-Omni-7B, -3B) holds the whole model, thinker and talker
+(``model_type`` ``"qwen2_5_omni"``); caad loads only the thinker from it (``container_model_types``).
 """
 
 from __future__ import annotations
@@ -115,4 +118,8 @@ FAMILY = AudioFamily(
     head_on_targets=True,  # logits = lm_head(model.model(...).last_hidden_state)
     build_tiny=build_tiny,
     stand_in_processor=OmniAudioProcessor,
+    # The released Qwen2.5-Omni-7B/3B folders hold the whole model (model_type "qwen2_5_omni"): caad distils the
+    # thinker, which transformers loads from them (it strips "thinker." and maps the names; talker skipped).
+    container_model_types=("qwen2_5_omni",),
+    model_class="Qwen2_5OmniThinkerForConditionalGeneration",
 )
