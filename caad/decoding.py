@@ -149,13 +149,13 @@ def build_generation_inputs(
             # 3's encoder needs the window).
             enc = processor(text=prompts, audio=audios, sampling_rate=sampling_rate, add_special_tokens=False)
             rows = token_rows(enc)
-    out = _left_padded(rows, _pad_id(tokenizer))
+    out = left_padded(rows, _pad_id(tokenizer))
     for key in family.feature_keys if audios is not None else ():
         out[key] = feature_tensor(enc[key])
     return out
 
 
-def _left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
     """``input_ids`` and ``attention_mask`` ``[B, max len]`` int64, each row's tokens at its right end."""
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)

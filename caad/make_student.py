@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .models import family_or_none
+from .models import family_or_none, text_config
 
 #: Text-config lists with one entry per decoder layer (Gemma-3n has all three), cut to the kept layers.
 PER_LAYER_CONFIG = ("layer_types", "activation_sparsity_pattern", "intermediate_size")
@@ -54,7 +54,7 @@ def chosen_layers(depth: int, *, layers: int | None = None, layer_ids: Sequence[
 
 def text_depth(config: Any) -> int:
     """The decoder depth a config declares (``num_hidden_layers`` of its text config)."""
-    return int(_text_config(config).num_hidden_layers)
+    return int(text_config(config).num_hidden_layers)
 
 
 def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -123,11 +123,6 @@ def _kept_kv_sharing(text: Any, kept: list[int], depth: int, teacher_types: list
     return source
 
 
-def _text_config(config: Any) -> Any:
-    get = getattr(config, "get_text_config", None)
-    return get() if callable(get) else config
-
-
 def select_layers(teacher: nn.Module, *, layers: int | None = None,
                   layer_ids: Sequence[int] | None = None) -> tuple[nn.Module, list[int]]:
     """Build a student from ``teacher`` keeping only some decoder layers.
@@ -149,7 +144,7 @@ def select_layers(teacher: nn.Module, *, layers: int | None = None,
     kept = chosen_layers(depth, layers=layers, layer_ids=layer_ids)
 
     config = copy.deepcopy(teacher.config)
-    text = _text_config(config)
+    text = text_config(config)
     if getattr(text, "num_hidden_layers", None) != depth:
         raise ValueError(f"{type(teacher).__name__}: config num_hidden_layers "
                          f"({getattr(text, 'num_hidden_layers', None)}) does not match the decoder's {depth} layers")

@@ -123,7 +123,7 @@ def pseudo_gt_with_teacher(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    from .decoding import _left_padded
+    from .decoding import left_padded
     from .models import chat_encoder_of
 
     tokenizer = _tokenizer_of(processor)
@@ -148,7 +148,7 @@ def pseudo_gt_with_teacher(
                 if chat is None:
                     enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
                 else:
-                    enc = _left_padded(chat.prompts(prompts[start : start + batch_size], None)["input_ids"], pad_id)
+                    enc = left_padded(chat.prompts(prompts[start : start + batch_size], None)["input_ids"], pad_id)
                 gen = model.generate(
                     input_ids=enc["input_ids"].to(device),
                     attention_mask=enc["attention_mask"].to(device),

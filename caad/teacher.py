@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .models import chat_encoder_of, family_of, family_or_none
+from .models import chat_encoder_of, family_of, family_or_none, text_config
 
 __all__ = [
     "AUDIO_PLACEHOLDER",
@@ -515,8 +515,7 @@ def head_on_targets_refusal(model: Any) -> str | None:
     """
     family = family_or_none(model)
     config = getattr(model, "config", None)
-    get_text = getattr(config, "get_text_config", None)
-    cap = getattr(get_text() if callable(get_text) else config, "final_logit_softcapping", None)
+    cap = getattr(text_config(config), "final_logit_softcapping", None)
     if not cap and (family is None or family.head_on_targets):
         return None
     who = f"{family.name} ({type(model).__name__})" if family is not None else type(model).__name__

@@ -70,6 +70,31 @@ def test_cpu_floor_columns_and_headline(tmp_path):
     assert "| liger | not timed: needs CUDA |" in head
     assert headline_plot(data, tmp_path).stat().st_size > 1000
 
+    # Several headlines (default allocator, then pages reused): one section and one plot each, in order.
+    import json
+    import sys
+
+    from benchmarks import report
+
+    fresh = {**data, "roofline": {**data["roofline"], "first_touch_bytes_per_s": 5e9, "pages_reused": False},
+             "cases": [{**case, "first_touch_grad_s": 0.0524}]}
+    reused = {**data, "roofline": {**data["roofline"], "pages_reused": True}}
+    (tmp_path / "headline.json").write_text(json.dumps(fresh))
+    (tmp_path / "headline_pages_reused.json").write_text(json.dumps(reused))
+    argv = sys.argv
+    try:
+        sys.argv = ["report", "--out", str(tmp_path / "out"), "--headline", str(tmp_path / "headline.json"),
+                    str(tmp_path / "headline_pages_reused.json")]
+        report.main()
+    finally:
+        sys.argv = argv
+    text = (tmp_path / "out" / "REPORT.md").read_text()
+    first, second = text.index("## Headline: interleaved rounds"), text.index("## Headline, headline_pages_reused")
+    assert first < second
+    assert "first touch of grad_s 52.4 ms" in text[first:second] and "made usable at 5.0 GB/s" in text[first:second]
+    assert "pages reused" in text[second:]
+    assert (tmp_path / "out" / "headline.png").is_file() and (tmp_path / "out" / "headline_pages_reused.png").is_file()
+
 
 def test_headline_rounds_are_interleaved_ratios():
     """A real (tiny) run: every contender timed once per round after the same-math check; the peer's own

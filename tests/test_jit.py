@@ -22,27 +22,12 @@ import torch
 
 from caad_kernels import jit
 
+sys.path.insert(0, os.path.dirname(__file__))
+from jit_probe import LOAD_AND_USE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 WAIT_ENV, LOCK_NAME = "CAAD_BUILD_WAIT_S", "caad_build.lock"  # the documented names (jit.py's docstring)
 
-LOAD_AND_USE = """
-    import warnings, torch, caad_kernels
-    from caad_kernels import jit, contrastive_kd_loss
-    s, a, t = torch.randn(3, 11), torch.randn(3, 11), torch.randn(3, 11)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kinds = jit.load()
-        loss = contrastive_kd_loss(s, a, t)
-    ref = contrastive_kd_loss(s, a, t, backend="torch")
-    print("KINDS", sorted(kinds), jit.origin())
-    print("WARNINGS", [str(w.message) for w in caught])
-    print("CLOSE", bool(torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)))
-    try:
-        contrastive_kd_loss(s, a, t, backend="cpu")
-        print("EXPLICIT ok")
-    except Exception as e:
-        print("EXPLICIT", type(e).__name__, e)
-"""
 
 
 def _env(ext_dir: Path, **extra: str) -> dict:

@@ -20,6 +20,9 @@ import torch
 
 from caad_kernels import contrastive_kd_loss, jit
 
+sys.path.insert(0, os.path.dirname(__file__))
+from jit_probe import LOAD_AND_USE  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif("cpu" not in jit.load(), reason="the C++ kernels did not build here")
 
@@ -111,19 +114,6 @@ def _python(code: str, env: dict) -> subprocess.CompletedProcess:
                           env=env, timeout=900, cwd=ROOT)
 
 
-LOAD_AND_USE = """
-    import warnings, torch, caad_kernels
-    from caad_kernels import jit, contrastive_kd_loss
-    s, a, t = torch.randn(3, 11), torch.randn(3, 11), torch.randn(3, 11)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        kinds = jit.load()
-        loss = contrastive_kd_loss(s, a, t)
-    ref = contrastive_kd_loss(s, a, t, backend="torch")
-    print("KINDS", sorted(kinds), jit.origin())
-    print("WARNINGS", [str(w.message) for w in caught])
-    print("CLOSE", bool(torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)))
-"""
 
 
 # The JIT cache itself (first build, reuse, kills, truncation, read-only and concurrent use): tests/test_jit.py.

@@ -165,6 +165,13 @@ def family_of(obj: Any) -> AudioFamily:
     raise _unsupported(f"a {cls}")
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config of a (possibly composite) model config: ``config.get_text_config()`` where the
+    config has one, else the config itself."""
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
 def container_family(model_type: str) -> AudioFamily | None:
     """The family whose model a checkpoint of ``model_type`` holds inside a larger one (``"qwen2_5_omni"``: the
     Qwen2.5-Omni thinker, beside its talker), or ``None``. Such a checkpoint is loaded as the family's
