@@ -25,6 +25,9 @@ constexpr Acc kNegInf = -std::numeric_limits<Acc>::infinity();
 // (the float64 path exists for gradcheck and exact parity, not for speed).
 inline float vexp(float x) { return fast_exp(x); }
 inline double vexp(double x) { return std::exp(x); }
+// exp(x − max) where max is taken over the x it is applied to (x − max ≤ 0, −inf or NaN).
+inline float vexp_gap(float x) { return fast_exp_nonpos(x); }
+inline double vexp_gap(double x) { return std::exp(x); }
 inline float vlog(float x) { return fast_log(x); }
 inline double vlog(double x) { return std::log(x); }
 
@@ -216,7 +219,7 @@ Acc exp_block(const Acc* x, int64_t n, Acc m, Acc* e) {
     Acc sum = 0;
     CAAD_SIMD_SUM(sum)
     for (int64_t i = c; i < end; ++i) {
-      e[i] = vexp(x[i] - m);
+      e[i] = vexp_gap(x[i] - m);
       sum += e[i];
     }
     total += sum;
@@ -319,7 +322,7 @@ void exp_and_gaps_t(const Acc* st, Acc ms, const Acc* zt, Acc mz, int64_t n, Acc
 #pragma omp simd reduction(+ : ss, sz, sx, sy, inf_count)
   for (int64_t i = 0; i < n; ++i) {
     const Acc ds = st[i] - ms, dz = zt[i] - mz;
-    const Acc e_s = vexp(ds), e_z = vexp(dz);
+    const Acc e_s = vexp_gap(ds), e_z = vexp_gap(dz);
     es[i] = e_s;
     ez[i] = e_z;
     ss += e_s;

@@ -66,6 +66,28 @@ inline float fast_exp(float x) {
   return y;
 }
 
+// fast_exp for arguments that cannot exceed 0 by more than rounding (x − max with max taken over x,
+// so x ≤ 0, −inf or NaN): the same result there, without the +inf select and the upper exponent
+// clamp, which such arguments never reach (3 of ~22 instructions per vector).
+inline float fast_exp_nonpos(float x) {
+  constexpr float kLo = -87.33654475f;
+  float fn = madd(x, 1.44269504088896341f, 12582912.f);
+  fn = fn - 12582912.f;
+  float r = madd(fn, -0.693359375f, x);
+  r = madd(fn, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  float y = madd(p, r * r, r) + 1.f;
+  int32_t n = static_cast<int32_t>(fn);
+  n = n < -127 ? -127 : n;
+  y = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  return x < kLo ? 0.f : y;
+}
+
 // log(x) for x == 0, normal positive x, +inf and NaN (subnormal inputs do not
 // occur here: the arguments are sums of exps with one term equal to 1, or 0).
 inline float fast_log(float x) {
