@@ -82,25 +82,27 @@ def cpu_transcendental_rate(op: str = "exp", numel: int = 1 << 14, repeats: int 
     return numel * repeats / best
 
 
-def first_touch_rate(nbytes: int = 1 << 28, page: int = 4096) -> float:
-    """Bytes/s at which fresh memory becomes usable (best of 5, all threads): a new ``nbytes`` buffer, one store per
-    ``page``, timed. An ``[N, V]`` output larger than glibc's mmap threshold (32 MiB at most) is fresh memory on
-    every call (freed by munmap, mapped again by the next call), so each call pays its page faults (and, in a VM,
-    the host's); reusing processes (``MALLOC_MMAP_THRESHOLD_``) or in-place outputs avoid it."""
-    times = []
+def first_touch(nbytes: int = 1 << 28) -> tuple[float, bool]:
+    """What a new ``nbytes`` allocation costs before it can be written, as this process's allocator serves it:
+    ``(bytes/s, pages reused)``. Each of 5 rounds allocates a buffer and zeroes it twice with all threads; the first
+    zeroing pays the page faults of fresh memory, the second does not, and their difference (best of the rounds) is
+    the first-touch cost. An ``[N, V]`` output larger than glibc's mmap threshold (32 MiB at most) is fresh memory
+    on every call (freed by munmap, mapped again by the next call); with the threshold raised
+    (``MALLOC_MMAP_THRESHOLD_``, and ``MALLOC_TRIM_THRESHOLD_`` so the heap is not trimmed) a freed buffer's pages
+    are reused, which the rounds after the first see. "Pages reused": the first touch costs under a tenth of a
+    plain zeroing; the rate is then infinite."""
+    fresh, touched = [], []
     for _ in range(5):
         x = torch.empty(nbytes // 4, dtype=torch.float32)
-        start = time.perf_counter()
-        x.view(-1, page // 4)[:, 0] = 0.0
-        times.append(time.perf_counter() - start)
+        for times in (fresh, touched):
+            start = time.perf_counter()
+            x.zero_()
+            times.append(time.perf_counter() - start)
         del x
-    return nbytes / min(times)
-
-
-def malloc_reuses_pages() -> bool:
-    """Whether glibc's mmap threshold was raised from the environment (freed ``[N, V]`` buffers then stay mapped and
-    are reused without page faults), as ``MALLOC_MMAP_THRESHOLD_`` does."""
-    return bool(os.environ.get("MALLOC_MMAP_THRESHOLD_") or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""))
+    cost = min(fresh) - min(touched)
+    if cost < 0.1 * min(touched):
+        return float("inf"), True
+    return nbytes / cost, False
 
 
 @dataclass(frozen=True)
@@ -111,14 +113,12 @@ class CpuRoofline:
     exp_per_s_per_core: float
     log_per_s_per_core: float
     cores: int  # torch threads
-    first_touch_bytes_per_s: float = float("inf")  # fresh memory made usable, all threads (first_touch_rate)
-    pages_reused: bool = False  # malloc_reuses_pages(): outputs are then not fresh memory
+    first_touch_bytes_per_s: float = float("inf")  # fresh memory made usable, all threads (first_touch)
+    pages_reused: bool = False  # first_touch(): a new buffer's pages were reused, not fresh
 
     def first_touch_s(self, n: int, vocab: int, dtype: torch.dtype) -> float:
-        """Page-fault time of one fresh ``[N, V]`` output of ``dtype`` (grad_s, which every contender allocates);
+        """First-touch time of one new ``[N, V]`` output of ``dtype`` (grad_s, which every contender allocates);
         0 when the allocator reuses pages."""
-        if self.pages_reused:
-            return 0.0
         return n * vocab * torch.empty((), dtype=dtype).element_size() / self.first_touch_bytes_per_s
 
     def memory_floor_s(self, n: int, vocab: int, dtype: torch.dtype, backward: bool) -> float:
@@ -131,8 +131,7 @@ class CpuRoofline:
 
 def cpu_roofline() -> CpuRoofline:
     return CpuRoofline(copy_bandwidth(torch.device("cpu")), cpu_transcendental_rate("exp"),
-                       cpu_transcendental_rate("log"), torch.get_num_threads(), first_touch_rate(),
-                       malloc_reuses_pages())
+                       cpu_transcendental_rate("log"), torch.get_num_threads(), *first_touch())
 
 
 def roofline_bytes(n: int, vocab: int, dtype: torch.dtype, backward: bool) -> int:

@@ -203,10 +203,10 @@ def main() -> None:
         parts = []
         for k, path in enumerate(args.headline):
             data = json.loads(path.read_text())
-            plot = headline_plot(data, args.out, "headline.png" if k == 0 else f"{path.stem}.png")
+            plot = headline_plot(data, args.out, "headline.png" if k == 0 else f"headline_{k}_{path.stem}.png")
             written.append(plot)
             head = headline_markdown(data)
-            if k:  # later headlines: their own heading level under the first
+            if k:  # later headlines: a heading that names their file
                 head = head.replace("## Headline: interleaved rounds (the ratios to quote)",
                                     f"## Headline, {path.stem}", 1)
             parts.append(f"{head}\n![{plot.stem}]({plot.name})\n")

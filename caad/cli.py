@@ -133,7 +133,8 @@ def _load_model(path: str, flag: str = "--model"):
     arch = family.model_class if family is not None else (config.get("architectures") or ["AutoModelForCausalLM"])[0]
     cls = getattr(transformers, str(arch), None)
     if cls is None:
-        raise CLIError(f"{flag} {path} holds a {arch}, which transformers {transformers.__version__} does not know")
+        what = f"a {model_type} checkpoint, loaded as its {arch}," if family is not None else f"a {arch},"
+        raise CLIError(f"{flag} {path} holds {what} which transformers {transformers.__version__} does not know")
     family = family or family_or_none(model_type)
     if family is not None and family.load_hook is not None:
         family.load_hook()  # e.g. Gemma-3n: a tiny checkpoint's stand-in vision tower loads without timm

@@ -88,9 +88,14 @@ def _tokenizer_of(processor: Any) -> Any:
     return getattr(processor, "tokenizer", processor)
 
 
+def teacher_turn(seed: str, instruction: str) -> str:
+    """The text of the teacher's user turn: the seed description stands where the audio would be."""
+    return f"{seed}\n{instruction}"
+
+
 def teacher_prompt(tokenizer: Any, seed: str, instruction: str) -> str:
     """The text-only prompt the teacher answers: the seed description stands where the audio would be."""
-    content = f"{seed}\n{instruction}"
+    content = teacher_turn(seed, instruction)
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": [{"type": "text", "text": content}]}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -134,7 +139,7 @@ def pseudo_gt_with_teacher(
     if chat is None:
         prompts = [teacher_prompt(tokenizer, seed, r.instruction) for seed, r in zip(seeds, records, strict=True)]
     else:  # the user turn's text (as teacher_prompt renders it), which chat.prompts encodes as a whole turn
-        prompts = [f"{seed}\n{r.instruction}" for seed, r in zip(seeds, records, strict=True)]
+        prompts = [teacher_turn(seed, r.instruction) for seed, r in zip(seeds, records, strict=True)]
     device = next(model.parameters()).device
     was_training, old_side = model.training, tokenizer.padding_side
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -92,8 +92,10 @@ def test_cpu_floor_columns_and_headline(tmp_path):
     first, second = text.index("## Headline: interleaved rounds"), text.index("## Headline, headline_pages_reused")
     assert first < second
     assert "first touch of grad_s 52.4 ms" in text[first:second] and "made usable at 5.0 GB/s" in text[first:second]
-    assert "pages reused" in text[second:]
-    assert (tmp_path / "out" / "headline.png").is_file() and (tmp_path / "out" / "headline_pages_reused.png").is_file()
+    assert "pages were reused" in text[second:]
+    assert (tmp_path / "out" / "headline.png").is_file()
+    assert (tmp_path / "out" / "headline_1_headline_pages_reused.png").is_file()
+    assert "allocator" not in head and "first touch" not in head  # a headline from before the measurement
 
 
 def test_headline_rounds_are_interleaved_ratios():

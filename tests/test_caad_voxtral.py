@@ -203,6 +203,17 @@ def test_prompt_plus_target_is_mistral_commons_encoding_of_the_conversation(real
                 32 + c for c in TARGET.encode()] + [2]
 
 
+def test_targets_with_trailing_spaces_are_mistral_commons_assistant_turns(real):
+    """mistral_common strips trailing spaces from an assistant turn's content: so does the chat encoder."""
+    *_, processor, _, tekken = real
+    batch = DualViewCollator(processor, text_only_view="drop")(
+        [{"audio": _clips()[0], "instruction": INSTRUCTION, "pseudo_gt": TARGET + "  "}])
+    view = batch["text_view"]
+    row = view["input_ids"][0][view["attention_mask"][0].bool()].tolist()
+    assert row == _mistral_tokens(tekken, None, INSTRUCTION, TARGET + "  ")
+    assert batch["target_ids"].tolist() == [32 + c for c in TARGET.encode()] + [2]
+
+
 @pytest.mark.parametrize("view", ["drop", "silence"])
 def test_real_processor_one_batched_dual_view_forward_equals_two_forwards(real, view):
     from caad.teacher import gather_targets

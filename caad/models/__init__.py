@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import numpy as np
@@ -85,7 +85,6 @@ class AudioFamily:
             raise ValueError(f"family {self.name}: container_model_types needs model_class (the class to load)")
 
 
-@runtime_checkable
 class ChatEncoder(Protocol):
     """Token ids of caad's prompts and targets for a processor that takes audio only through its chat template.
 

@@ -344,8 +344,9 @@ class MistralChatEncoder:
         return {"input_ids": token_rows(encoded), "input_features": encoded["input_features"].float()}
 
     def targets(self, texts: Sequence[str]) -> list[list[int]]:
-        """See :meth:`caad.models.ChatEncoder.targets`."""
-        encoded = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        """See :meth:`caad.models.ChatEncoder.targets`. Trailing spaces are dropped, as mistral_common drops them
+        from an assistant turn's content."""
+        encoded = self.tokenizer([text.rstrip(" ") for text in texts], add_special_tokens=False)["input_ids"]
         return [[int(i) for i in ids] + [self.eos_token_id] for ids in encoded]
 
 

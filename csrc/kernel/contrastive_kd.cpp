@@ -12,7 +12,7 @@
 namespace caad {
 namespace {
 
-constexpr int64_t kBlock = 2048;  // entries per stack buffer: 8 KiB in fp32; the buffers a path uses stay in L1
+constexpr int64_t kBlock = 2048;  // entries per stack buffer: 8 KiB in fp32 (the fp32 one-pass row uses two)
 // Sums over a block are taken per chunk of at most kSumChunk entries and then added: where a loop
 // is not vectorised (sanitizer builds) one accumulator would otherwise chain 2048 additions and
 // lose ~1e-5 of a sum to rounding; vectorised, each lane chains kSumChunk / width of them.
