@@ -35,42 +35,10 @@ inline uint32_t float_to_bits(float f) {
   return u;
 }
 
-// exp(x) for x <= 88 (every argument here is x - max <= 0): 0 below the
-// smallest normal (and for -inf), NaN for NaN, +inf above 88.
-// No clamp of x before the reduction: the two selects at the end replace every
-// out-of-range result (and NaN propagates through the arithmetic), and a clamp in
-// front made GCC specialise the whole polynomial per clamped path (8 blends per
-// vector). The reduction uses FMAs where the target has them (fn exactly round(x/ln 2)).
-inline float fast_exp(float x) {
-  constexpr float kLo = -87.33654475f;  // exp(kLo) = 2^-126, the smallest normal float
-  constexpr float kHi = 88.0f;
-  float fn = madd(x, 1.44269504088896341f, 12582912.f);  // round(x / ln 2) by the 1.5·2^23 trick
-  fn = fn - 12582912.f;
-  float r = madd(fn, -0.693359375f, x);
-  r = madd(fn, 2.12194440e-4f, r);  // ln 2 split in two parts so r is exact
-  float p = 1.9875691500e-4f;
-  p = madd(p, r, 1.3981999507e-3f);
-  p = madd(p, r, 8.3334519073e-3f);
-  p = madd(p, r, 4.1665795894e-2f);
-  p = madd(p, r, 1.6666665459e-1f);
-  p = madd(p, r, 5.0000001201e-1f);
-  float y = madd(p, r * r, r) + 1.f;
-  // n clamped to [-127, 128] (integer min/max, no float select): far out of range the scale is
-  // 0 or 2^128-ish instead of wrapped exponent bits (never a subnormal); the selects then decide.
-  int32_t n = static_cast<int32_t>(fn);
-  n = n < -127 ? -127 : n;
-  n = n > 128 ? 128 : n;
-  y = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
-  y = x < kLo ? 0.f : y;
-  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
-  return y;
-}
-
-// fast_exp for arguments that cannot exceed 0 by more than rounding (x − max with max taken over x,
-// so x ≤ 0, −inf or NaN): the same result there, without the +inf select and the upper exponent
-// clamp, which such arguments never reach (3 of ~22 instructions per vector).
-inline float fast_exp_nonpos(float x) {
-  constexpr float kLo = -87.33654475f;
+// The range reduction and polynomial of the exps below: exp(x) = y·2^n with n = round(x / ln 2)
+// (the 1.5·2^23 trick) and y = exp(r), r = x − n·ln 2 (ln 2 split in two parts so r is exact).
+// The reduction uses FMAs where the target has them.
+inline float exp_reduced(float x, int32_t& n) {
   float fn = madd(x, 1.44269504088896341f, 12582912.f);
   fn = fn - 12582912.f;
   float r = madd(fn, -0.693359375f, x);
@@ -81,11 +49,39 @@ inline float fast_exp_nonpos(float x) {
   p = madd(p, r, 4.1665795894e-2f);
   p = madd(p, r, 1.6666665459e-1f);
   p = madd(p, r, 5.0000001201e-1f);
-  float y = madd(p, r * r, r) + 1.f;
-  int32_t n = static_cast<int32_t>(fn);
+  n = static_cast<int32_t>(fn);
+  return madd(p, r * r, r) + 1.f;
+}
+
+constexpr float kExpLo = -87.33654475f;  // exp(kExpLo) = 2^-126, the smallest normal float
+
+// exp(x) for x <= 88 (every argument here is x - max <= 0): 0 below the smallest normal (and for
+// -inf), NaN for NaN, +inf above 88.
+// No clamp of x before the reduction: the two selects at the end replace every out-of-range result
+// (and NaN propagates through the arithmetic), and a clamp in front made GCC specialise the whole
+// polynomial per clamped path (8 blends per vector). n is clamped to [-127, 128] (integer min/max,
+// no float select): far out of range the scale is 0 or 2^128-ish instead of wrapped exponent bits
+// (never a subnormal); the selects then decide.
+inline float fast_exp(float x) {
+  int32_t n;
+  float y = exp_reduced(x, n);
+  n = n < -127 ? -127 : n;
+  n = n > 128 ? 128 : n;
+  y = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
+  y = x < kExpLo ? 0.f : y;
+  y = x > 88.0f ? std::numeric_limits<float>::infinity() : y;
+  return y;
+}
+
+// fast_exp for arguments that cannot exceed 0 by more than rounding (x − max with max taken over x,
+// so x ≤ 0, −inf or NaN): the same result there, without the +inf select and the upper exponent
+// clamp, which such arguments never reach (3 of ~22 instructions per vector).
+inline float fast_exp_nonpos(float x) {
+  int32_t n;
+  float y = exp_reduced(x, n);
   n = n < -127 ? -127 : n;
   y = y * bits_to_float(static_cast<uint32_t>(n + 127) << 23);
-  return x < kLo ? 0.f : y;
+  return x < kExpLo ? 0.f : y;
 }
 
 // log(x) for x == 0, normal positive x, +inf and NaN (subnormal inputs do not
