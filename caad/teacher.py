@@ -250,21 +250,23 @@ class DualViewCollator:
 
     # -- building -------------------------------------------------------------------------------------------------
 
-    def _encode_prompts(self, prompts: list[str], instructions: list[str],
-                        audios: list[np.ndarray] | None) -> dict[str, Any]:
-        """Token ids (lists, unpadded) for the prompts, plus features when ``audios`` is given: the rendered
-        ``prompts`` through the processor, or the ``instructions`` through the family's chat encoder."""
-        if self.chat_encoder is not None:
-            enc = self.chat_encoder.prompts(instructions, audios)
-        elif audios is None:
+    def _encode_prompts(self, prompts: list[str], audios: list[np.ndarray] | None) -> dict[str, Any]:
+        """Token ids (lists, unpadded) for rendered prompts, plus features when ``audios`` is given."""
+        if audios is None:
             enc = self.tokenizer(prompts, add_special_tokens=False)
             return {"input_ids": [list(x) for x in enc["input_ids"]]}
-        else:
-            enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate,
-                                 add_special_tokens=False)
+        enc = self.processor(text=prompts, audio=audios, sampling_rate=self.sampling_rate, add_special_tokens=False)
+        return self._with_features(enc)
+
+    def _encode_turns(self, instructions: list[str], audios: list[np.ndarray] | None) -> dict[str, Any]:
+        """The same for a processor that takes audio only through its chat template: whole user turns through the
+        family's chat encoder."""
+        enc = self.chat_encoder.prompts(instructions, audios)
+        return self._with_features(enc) if audios is not None else {"input_ids": token_rows(enc)}
+
+    def _with_features(self, enc: Mapping[str, Any]) -> dict[str, Any]:
+        """Unpadded ids and the family's feature tensors of an audio encoding; every prompt must hold audio."""
         out: dict[str, Any] = {"input_ids": token_rows(enc)}
-        if audios is None:
-            return out
         for key in self.family.feature_keys:
             out[key] = feature_tensor(enc[key])
         for i, ids in enumerate(out["input_ids"]):
@@ -302,20 +304,16 @@ class DualViewCollator:
         checked = [self._check_example(i, ex) for i, ex in enumerate(examples)]
         audios = [a for a, _, _ in checked]
 
-        instructions = [instruction for _, instruction, _ in checked]
+        silence = [np.zeros_like(a) for a in audios] if self.text_only_view == "silence" else None
         if self.chat_encoder is None:
             a_prompts, t_prompts, targets = self._render(checked)
-        else:  # the chat encoder encodes the instructions and targets itself
-            a_prompts, t_prompts, targets = [], [], []
-
-        a_enc = self._encode_prompts(a_prompts, instructions, audios)
-        silence = [np.zeros_like(a) for a in audios] if self.text_only_view == "silence" else None
-        t_enc = self._encode_prompts(t_prompts, instructions, silence)
-        # The target is tokenized once and appended to both prompts: identical ids in both views by construction.
-        if self.chat_encoder is not None:
-            tgt_ids = self.chat_encoder.targets([pseudo_gt for _, _, pseudo_gt in checked])
-        else:
+            a_enc, t_enc = self._encode_prompts(a_prompts, audios), self._encode_prompts(t_prompts, silence)
+            # The target is tokenized once and appended to both prompts: identical ids in both views.
             tgt_ids = [list(x) for x in self.tokenizer(targets, add_special_tokens=False)["input_ids"]]
+        else:  # the chat encoder encodes the user turns and the targets itself
+            instructions = [instruction for _, instruction, _ in checked]
+            a_enc, t_enc = self._encode_turns(instructions, audios), self._encode_turns(instructions, silence)
+            tgt_ids = self.chat_encoder.targets([pseudo_gt for _, _, pseudo_gt in checked])
 
         for i, (pa, pt, tg) in enumerate(zip(a_enc["input_ids"], t_enc["input_ids"], tgt_ids, strict=True)):
             if len(tg) == 0:
