@@ -2,7 +2,7 @@
 # A/B of the CPU row kernel against an older commit's, one thread, fp32 and bf16 rows:
 #   bash benchmarks/kernel_ab/run.sh OLD_REV [ROUNDS]      (e.g. HEAD~1 21)
 # Both versions build with the JIT's flags (caad_kernels.jit.cpu_flags) into one binary; see driver.cpp.
-# The figures in benchmarks/results/cpu/PROFILE.md (attempts 7-13) come from this driver.
+# PROFILE.md's attempts 7-13 were timed this way (with a scratch version of this driver, same rows and rounds).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 old_rev="${1:?usage: run.sh OLD_REV [ROUNDS]}"
